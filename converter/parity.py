@@ -1,0 +1,75 @@
+"""Parity between a torch reference and a runtime on the same segments.
+
+Reports max-abs logit error, top-1 agreement and the perplexity of each side on identical tokens.
+Accumulated segment by segment, so full-vocabulary logits of only one segment are held at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from converter.evaluation import nll_from_logits
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    top1_agreement: float
+    max_abs_logit_err: float
+    ppl_reference: float
+    ppl_runtime: float
+    n_tokens: int  # positions compared
+
+    @property
+    def ppl_rel_diff(self) -> float:
+        return (self.ppl_runtime - self.ppl_reference) / self.ppl_reference
+
+    def describe(self) -> dict:
+        return {"top1_agreement": self.top1_agreement, "max_abs_logit_err": self.max_abs_logit_err,
+                "ppl_rel_diff": self.ppl_rel_diff, "ppl_reference": self.ppl_reference,
+                "ppl_runtime": self.ppl_runtime, "tokens": self.n_tokens}
+
+
+@dataclass
+class ParityAccumulator:
+    agree: int = 0
+    positions: int = 0
+    max_err: float = 0.0
+    nll_ref: float = 0.0
+    nll_rt: float = 0.0
+    n_pred: int = 0
+
+    def add(self, reference: torch.Tensor, runtime: torch.Tensor, tokens: torch.Tensor) -> None:
+        """reference, runtime: logits [seq, vocab] of one segment; tokens [seq]."""
+        reference, runtime = reference.float(), runtime.float()
+        self.max_err = max(self.max_err, float((reference - runtime).abs().max()))
+        self.agree += int((reference.argmax(-1) == runtime.argmax(-1)).sum())
+        self.positions += tokens.numel()
+        self.nll_ref += float(nll_from_logits(reference, tokens).sum())
+        self.nll_rt += float(nll_from_logits(runtime, tokens).sum())
+        self.n_pred += tokens.numel() - 1
+
+    def result(self) -> ParityResult:
+        return ParityResult(self.agree / self.positions, self.max_err, math.exp(self.nll_ref / self.n_pred),
+                            math.exp(self.nll_rt / self.n_pred), self.positions)
+
+
+@dataclass
+class NLLAccumulator:
+    """Perplexity of one model over segments."""
+
+    nll: float = 0.0
+    n_pred: int = 0
+    per_segment: list = field(default_factory=list)
+
+    def add(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        seg = float(nll_from_logits(logits, tokens).sum())
+        self.per_segment.append(seg)
+        self.nll += seg
+        self.n_pred += tokens.numel() - 1
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.n_pred)

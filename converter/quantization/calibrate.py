@@ -1,0 +1,169 @@
+"""Quantize a whole model: GPTQ layer by layer on calibration activations, or RTN.
+
+GPTQ sees the activations of the model *as rotated* (the caller passes the fused model), and layer
+`i` is calibrated on the outputs of the already-quantized layers `< i`, as in the GPTQ paper.
+Only one layer's inputs are held at a time ([samples, seq, hidden]), so memory stays bounded.
+The model passed in is left unchanged: quantized weights live in the returned `QuantizedModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from converter.arch import decoder_layers, layer_linears
+from converter.quantization.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from converter.quantization.grids import QuantizedTensor, grid
+from converter.quantization.rtn import rtn_quantize
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHODS = ("gptq", "rtn")
+FLOAT_WTYPE = "f32"  # no quantization: the FP reference file
+# Linears reading the same input share one Hessian.
+INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "gptq"  # "gptq" | "rtn"
+    wtype: str = "q4_0"  # grid of the decoder linears
+    head_type: str = "q8_0"  # grid of lm_head and the token embedding (4-bit heads cause repetition)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    rtn_clip_search: bool = True
+    batch_size: int = 4  # calibration samples per forward
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"unknown quantization method '{self.method}': supported are {', '.join(QUANT_METHODS)}")
+        if self.wtype != FLOAT_WTYPE:
+            grid(self.wtype)
+            grid(self.head_type)
+
+    def describe(self) -> dict:
+        return {"method": self.method, "wtype": self.wtype, "head_type": self.head_type,
+                "gptq": vars(self.gptq) if self.method == "gptq" else None,
+                "rtn_clip_search": self.rtn_clip_search if self.method == "rtn" else None}
+
+
+@dataclass
+class QuantizedModel:
+    """Integer codes + scales per quantized weight, keyed by the transformers parameter name."""
+
+    tensors: dict[str, QuantizedTensor]
+    config: QuantConfig
+    n_calibration_tokens: int = 0
+
+    def dequantized(self) -> dict[str, torch.Tensor]:
+        return {name: qt.dequantize() for name, qt in self.tensors.items()}
+
+
+def quantize_model(model: torch.nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> QuantizedModel:
+    """Quantize embedding, every decoder linear and lm_head of `model` (float32, fused).
+
+    calibration: token ids [n_samples, seq_len]; required for GPTQ.
+    """
+    tensors: dict[str, QuantizedTensor] = {}
+    if cfg.wtype == FLOAT_WTYPE:
+        return QuantizedModel(tensors, cfg, 0)
+    head_spec, spec = grid(cfg.head_type), grid(cfg.wtype)
+    embed = model.model.embed_tokens.weight.detach().float()
+    # The embedding is a lookup, not a matmul: no Hessian, RTN on its rows.
+    tensors["model.embed_tokens.weight"] = rtn_quantize(embed, head_spec, clip_search=cfg.rtn_clip_search)
+    if cfg.method == "rtn":
+        for i, layer in enumerate(tqdm(decoder_layers(model), desc="RTN", unit="layer")):
+            for short, linear in layer_linears(layer).items():
+                tensors[_param_name(i, short)] = rtn_quantize(linear.weight.detach().float(), spec, cfg.rtn_clip_search)
+        tensors["lm_head.weight"] = rtn_quantize(model.lm_head.weight.detach().float(), head_spec, cfg.rtn_clip_search)
+        return QuantizedModel(tensors, cfg, 0)
+    if calibration is None:
+        raise ValueError("GPTQ needs calibration token ids")
+    hidden, layer_kwargs = _capture_layer0_inputs(model, calibration, cfg.batch_size)
+    for i, layer in enumerate(tqdm(decoder_layers(model), desc="GPTQ", unit="layer")):
+        layer_q = _gptq_layer(layer, hidden, layer_kwargs, spec, cfg.gptq)
+        tensors.update({_param_name(i, short): qt for short, qt in layer_q.items()})
+        with _weights_swapped(layer_linears(layer), {s: qt.dequantize() for s, qt in layer_q.items()}):
+            hidden = [layer(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
+    acc = HessianAccumulator(model.lm_head.in_features)
+    with torch.no_grad():
+        for h in hidden:
+            acc.add(model.model.norm(h))
+    tensors["lm_head.weight"] = gptq_quantize(model.lm_head.weight.detach().float(), acc.H, head_spec, cfg.gptq)
+    return QuantizedModel(tensors, cfg, int(calibration.numel()))
+
+
+def _param_name(layer: int, short: str) -> str:
+    part = "self_attn" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{part}.{short}.weight"
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture_layer0_inputs(model, calibration: torch.Tensor, batch_size: int):
+    """Hidden states entering layer 0 and the keyword arguments (RoPE, mask) the model passes it."""
+    hidden, kwargs_list = [], []
+
+    def grab(_module, args, kwargs):
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for chunk in calibration.split(batch_size):
+            try:
+                model.model(input_ids=chunk, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
+
+
+@torch.no_grad()
+def _gptq_layer(layer, hidden, layer_kwargs, spec, gptq_cfg: GPTQConfig) -> dict[str, QuantizedTensor]:
+    """GPTQ every linear of one layer from the Hessians of its (unquantized-layer) inputs."""
+    linears = layer_linears(layer)
+    accs = {group: None for group in set(INPUT_GROUPS.values())}
+    handles = []
+    for short, linear in linears.items():
+        group = INPUT_GROUPS[short]
+        if accs[group] is None:
+            accs[group] = HessianAccumulator(linear.in_features)
+            handles.append(linear.register_forward_hook(lambda _m, inp, _out, a=accs[group]: a.add(inp[0])))
+    try:
+        for h, kw in zip(hidden, layer_kwargs):
+            layer(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {short: gptq_quantize(linear.weight.detach().float(), accs[INPUT_GROUPS[short]].H, spec, gptq_cfg)
+            for short, linear in linears.items()}
+
+
+@contextmanager
+def _weights_swapped(linears: dict[str, torch.nn.Linear], weights: dict[str, torch.Tensor]):
+    saved = {short: linears[short].weight.data for short in weights}
+    try:
+        for short, w in weights.items():
+            linears[short].weight.data = w.to(saved[short].dtype)
+        yield
+    finally:
+        for short, w in saved.items():
+            linears[short].weight.data = w
+
+
+def load_quantized_weights(model: torch.nn.Module, qmodel: QuantizedModel) -> None:
+    """Put the exact dequantized weights into `model` (in place): the torch model of the exported file."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in qmodel.dequantized().items():
+            params[name].copy_(w.to(params[name].dtype))

@@ -1,0 +1,1 @@
+"""Rotations: Hadamard construction, norm folding and fusion of R1/R2 into the weights."""
