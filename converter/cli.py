@@ -25,7 +25,7 @@ def _run(debug: bool, fn, *args):
     except (RespinError, ValueError) as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause's layout
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

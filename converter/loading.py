@@ -87,7 +87,6 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
         adapter = adapter_for(_hf_model_type(source.path))
         hf_model, tokenizer = _load_hf_dir(source.path, dtype)
     hf_model.eval().requires_grad_(False)
-    check_finite(hf_model)
     return LoadedModel(hf_model, tokenizer, adapter, ModelShape.from_config(hf_model.config), source)
 
 
@@ -127,6 +126,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
         raise RespinError(f"cannot load GGUF file {path}: {exc}") from exc
+    check_finite(model)
     # The GGUF origin is recorded in ModelSource; the model itself is now plain float weights.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -141,6 +141,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as exc:
         raise RespinError(f"cannot load Hugging Face model from {path}: {exc}") from exc
+    check_finite(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:

@@ -89,7 +89,7 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, calibration: torch.
         tensors.update({_param_name(i, short): qt for short, qt in layer_q.items()})
         with _weights_swapped(layer_linears(layer), {s: qt.dequantize() for s, qt in layer_q.items()}):
             hidden = [layer(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
-    acc = HessianAccumulator(model.lm_head.in_features)
+    acc = HessianAccumulator(model.lm_head.in_features, device=model.lm_head.weight.device)
     with torch.no_grad():
         for h in hidden:
             acc.add(model.model.norm(h))
@@ -137,7 +137,7 @@ def _gptq_layer(layer, hidden, layer_kwargs, spec, gptq_cfg: GPTQConfig) -> dict
     for short, linear in linears.items():
         group = INPUT_GROUPS[short]
         if accs[group] is None:
-            accs[group] = HessianAccumulator(linear.in_features)
+            accs[group] = HessianAccumulator(linear.in_features, device=linear.weight.device)
             handles.append(linear.register_forward_hook(lambda _m, inp, _out, a=accs[group]: a.add(inp[0])))
     try:
         for h, kw in zip(hidden, layer_kwargs):
