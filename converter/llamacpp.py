@@ -82,10 +82,11 @@ class LlamaCppModel:
 
     def generate(self, prompt_tokens, max_new_tokens: int) -> list[int]:
         """Greedy continuation (token ids) of a prompt."""
+        llama_cpp = _import_llama_cpp()
         self.llm.reset()
         out = []
         for token in self.llm.generate([int(t) for t in prompt_tokens], temp=0.0, top_k=1, reset=True):
-            if len(out) >= max_new_tokens or self.llm._model.token_is_eog(token):
+            if len(out) >= max_new_tokens or llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
                 break
             out.append(token)
         return out
