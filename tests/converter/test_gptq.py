@@ -75,11 +75,14 @@ def test_dead_input_columns(act_order: bool) -> None:
 
 def test_hessian_accumulator_in_chunks() -> None:
     _, X = layer(seed=2)
-    acc = HessianAccumulator(128)
+    acc = HessianAccumulator(128, dtype=torch.float64)
+    acc32 = HessianAccumulator(128)  # float32 default, as GPTQ's reference
     for chunk in X.reshape(8, 4, 64, 128):  # [batch, seq, in] chunks
         acc.add(chunk)
-    assert acc.n_tokens == 2048
+        acc32.add(chunk)
+    assert acc.n_tokens == 2048 and acc32.H.dtype == torch.float32
     torch.testing.assert_close(acc.H, hessian(X), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(acc32.H.double(), hessian(X), rtol=1e-5, atol=1e-5 * hessian(X).abs().max().item())
     with pytest.raises(ValueError, match="width"):
         acc.add(torch.zeros(3, 64))
     with pytest.raises(ValueError, match="before any"):
