@@ -37,7 +37,7 @@ REPO = HERE.parent
 WORK = HERE / "work"
 RESULTS = HERE / "results"
 BUILD_SCRIPT = HERE / "build_llama_tools.sh"
-CACHE_VERSION = 1  # bump when a cached measurement's meaning changes
+CACHE_VERSION = 2  # bump when a cached measurement's meaning changes
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -160,8 +160,19 @@ def ensure_tools(build_dir: Path, skip_build: bool) -> Path:
 
 
 def llama_build_info(text: str) -> str | None:
-    m = re.search(r"^build: (.+)$", text, re.MULTILINE)
+    m = re.search(r"build: (\d+ \(\w+\).*)$", text, re.MULTILINE)
     return m.group(1).strip() if m else None
+
+
+def llama_version(build_dir: Path) -> dict:
+    """What llama.cpp the tools are: the sdist they come from and the build-info CMake generated."""
+    out = {"source": "vendor/llama.cpp of the llama-cpp-python "
+                     f"{os.environ.get('LLAMA_CPP_PYTHON_VERSION', '0.3.36')} sdist"}
+    info = build_dir / "build" / "common" / "build-info.cpp"
+    if info.exists():
+        for key, value in re.findall(r"(LLAMA_\w+) = \"?([^\";]*)\"?;", info.read_text()):
+            out[key.lower()] = value
+    return out
 
 
 # --- texts ------------------------------------------------------------------------------------
@@ -290,7 +301,8 @@ def perplexity(spec: Spec, bin_dir: Path, evaluation: dict, chunks: int, ctx: in
         if spec is not FP or kld_base.exists():
             return cached
     cmd = [tool(bin_dir, "llama-perplexity"), "-m", spec.gguf, "-f", evaluation["path"], "-c", str(ctx),
-           "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", kld_base]
+           "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", kld_base,
+           "-lv", "4"]  # verbosity 4: library info logs too, i.e. the build and llama_perf_context_print timings
     if spec is not FP:
         cmd.append("--kl-divergence")
     text, wall = run_logged(cmd, WORK / "logs" / f"{spec.slug}.ppl.c{ctx}-k{chunks}.log")
@@ -446,10 +458,10 @@ def targets(rows: list[dict], fp_ppl: float) -> dict | None:
 @click.option("--skip-build", is_flag=True, help="Do not run build_llama_tools.sh; the binaries must exist.")
 @click.option("--only", multiple=True, metavar="NAME",
               help="Only these rows (slug or name, repeatable); the F32 reference is always made.")
-@click.option("--chunks", type=int, default=32, show_default=True,
+@click.option("--chunks", type=int, default=16, show_default=True,
               help="llama-perplexity chunks of --ctx tokens, the same for every file.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="llama-perplexity context length.")
-@click.option("--imatrix-chunks", type=int, default=64, show_default=True,
+@click.option("--imatrix-chunks", type=int, default=16, show_default=True,
               help="llama-imatrix chunks (of --ctx tokens) of the calibration split.")
 @click.option("--threads", type=int, default=2, show_default=True, help="llama.cpp threads.")
 @click.option("--calib-samples", type=int, default=None,
@@ -496,7 +508,7 @@ def main(build_dir, skip_build, only, chunks, ctx, imatrix_chunks, threads, cali
         parity_report = parity_run(parity_tokens, calib_samples)
 
     result = assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, parity_report,
-                      made[FP.slug], measured[FP.slug], time.perf_counter() - t_start)
+                      made[FP.slug], llama_version(build_dir.resolve()), time.perf_counter() - t_start)
     if only:  # a partial run must not overwrite the full results
         out_json = WORK / "gguf_quality.partial.json"
         write_json(out_json, result)
@@ -517,7 +529,7 @@ def main(build_dir, skip_build, only, chunks, ctx, imatrix_chunks, threads, cali
 
 
 def assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, parity_report, fp_report,
-             fp_measure, run_s) -> dict:
+             llama_cpp, run_s) -> dict:
     result = {
         "fp_ppl": fp_ppl,
         "rows": rows,
@@ -533,7 +545,7 @@ def assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, 
                   "llama.cpp's rows are llama-quantize of the same untied F32 file, so they also carry an untied "
                   "output (their own type choice per tensor); bpw_body excludes both tensors."),
         "targets": targets(rows, fp_ppl),
-        "versions": {**(fp_report.get("versions") or {}), "llama.cpp": fp_measure.get("llama_build")},
+        "versions": {**(fp_report.get("versions") or {}), "llama.cpp": llama_cpp},
         "run_s": round(run_s, 1),
     }
     if parity_report is not None:

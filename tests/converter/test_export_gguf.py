@@ -115,3 +115,35 @@ def test_bpe_pre_tokenizer_name(pre, model_type, expected):
     from converter.gguf_tokenizer import bpe_pre_tokenizer_name
 
     assert bpe_pre_tokenizer_name({"pre_tokenizer": pre}, model_type) == expected
+
+
+@pytest.mark.llamacpp
+def test_sentencepiece_tokenizer_from_hf_dir(tmp_path):
+    """An HF dir with a sentencepiece tokenizer.model becomes a 'llama' (SPM) GGUF vocabulary."""
+    pytest.importorskip("llama_cpp")
+    spm = pytest.importorskip("sentencepiece")
+    import json
+
+    from converter.data import load_corpus
+    from converter.llamacpp import LlamaCppConfig, LlamaCppModel
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "train.txt").write_text(load_corpus().calibration[:200_000])
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(src / "tokenizer"),
+                                   vocab_size=512, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2)
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tiny_model("llama", vocab=512, hidden=64, heads=4, kv_heads=2, intermediate=128, dtype=torch.float32).save_pretrained(src)
+    path = tmp_path / "m.gguf"
+    _export(src, path, wtype="q8_0")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    runtime = LlamaCppModel(path, LlamaCppConfig(n_ctx=64))
+    try:
+        assert runtime.tokenize(PROMPT) == sp.encode(PROMPT)
+    finally:
+        runtime.close()
