@@ -362,6 +362,7 @@ def build_row(spec: Spec, made: dict, ppl: dict, evaluation: dict, chunks: int, 
 
 # --- parity (torch <-> llama.cpp) from the CLI's own --eval -----------------------------------
 
+PARITY_OF = "ours-q4_0-gptq-hadamard"  # the row whose conversion the parity run repeats with --eval
 PARITY_SPEC = Spec("eval-ours-q4_0-gptq-hadamard", "parity run", "ours", "q4_0", "hadamard", "gptq",
                    cli_args=("--wtype", "q4_0", "--rotate", "hadamard", "--quant", "gptq"))
 
@@ -482,7 +483,7 @@ def main(build_dir, skip_build, only, chunks, ctx, imatrix_chunks, threads, cali
     log("FP reference: F32 GGUF")
     made = {FP.slug: export_ours(FP, None)}
     measured = {FP.slug: perplexity(FP, bin_dir, texts["evaluation"], chunks, ctx, threads, kld_base)}
-    imatrix = None
+    imatrix = parity_report = None
     for spec in specs:
         if spec is FP:
             continue
@@ -497,15 +498,13 @@ def main(build_dir, skip_build, only, chunks, ctx, imatrix_chunks, threads, cali
         measured[spec.slug] = perplexity(spec, bin_dir, texts["evaluation"], chunks, ctx, threads, kld_base)
         r = measured[spec.slug]
         log(f"{spec.name}: PPL {r['ppl']:.4f}  KLD {r['kld_mean']:.5f}  {r.get('tok_s', 0):.0f} tok/s")
+        if spec.slug == PARITY_OF and parity and not only:  # right after its row: it matters more than Q4_1
+            log("parity: respin-export --eval (Hadamard GPTQ Q4_0)")
+            parity_report = parity_run(parity_tokens, calib_samples)
 
     rows = [build_row(s, made[s.slug], measured[s.slug], texts["evaluation"], chunks, ctx)
             for s in [FP, *[s for s in specs if s is not FP]]]
     fp_ppl = measured[FP.slug]["ppl"]
-
-    parity_report = None
-    if parity and not only:
-        log("parity: respin-export --eval (Hadamard GPTQ Q4_0)")
-        parity_report = parity_run(parity_tokens, calib_samples)
 
     result = assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, parity_report,
                       made[FP.slug], llama_version(build_dir.resolve()), time.perf_counter() - t_start)
@@ -546,7 +545,8 @@ def assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, 
                   "output (their own type choice per tensor); bpw_body excludes both tensors."),
         "targets": targets(rows, fp_ppl),
         "versions": {**(fp_report.get("versions") or {}), "llama.cpp": llama_cpp},
-        "run_s": round(run_s, 1),
+        "run_s": round(run_s, 1),  # this invocation only (cached steps cost nothing)
+        "compute_s": _compute_s(rows, imatrix, parity_report),
     }
     if parity_report is not None:
         v = parity_report["validation"]
@@ -556,8 +556,19 @@ def assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, 
                                 "eval_tokens": v.get("tokens") or v.get("eval_tokens"),
                                 "validation": {k: v[k] for k in v if k not in ("parity", "parity_fp32")},
                                 "same_bytes_as_row": _same_bytes(PARITY_SPEC.gguf,
-                                                                 WORK / "models" / "ours-q4_0-gptq-hadamard.gguf")}
+                                                                 WORK / "models" / f"{PARITY_OF}.gguf")}
     return result
+
+
+def _compute_s(rows: list[dict], imatrix: dict | None, parity_report: dict | None) -> float:
+    """Wall time of every step behind the results, summed over the (possibly resumed) runs."""
+    total = sum(r["convert_s"] or 0.0 for r in rows) + (imatrix or {}).get("wall_s", 0.0)
+    for r in rows:
+        cached = read_json(WORK / "ppl" / f"{r['slug']}.c{r['ctx']}-k{r['tokens'] // r['ctx']}.json") or {}
+        total += cached.get("wall_s", 0.0)
+    if parity_report is not None:
+        total += sum((parity_report.get("timings_s") or {}).values())
+    return round(total, 1)
 
 
 def _same_bytes(a: Path, b: Path) -> bool | None:
@@ -571,6 +582,14 @@ def markdown_md(result: dict) -> str:
     lines = [f"SmolLM2-135M, llama.cpp `llama-perplexity` on the evaluation split: {e['chunks']} chunks × "
              f"{e['ctx']} tokens ({e['tokens_scored']} scored tokens), KLD against our F32 GGUF's logits. "
              f"FP PPL {result['fp_ppl']:.3f}.", "", markdown_table(result["rows"], result["fp_ppl"])]
+    im = (result.get("calibration") or {}).get("imatrix")
+    lines += ["", "bpw counts every tensor; *bpw body* leaves out `token_embd.weight` and `output.weight`. All "
+                  "files carry an untied output: ours are Q8_0 for both (the `--head-type` default), llama.cpp's "
+                  "are `llama-quantize` of our same F32 file with its own per-tensor choices (Q4_0/Q4_1: 4-bit "
+                  "`token_embd`, Q8_0 `output`), so *bpw body* compares equal grids. pp tok/s is llama.cpp's prompt "
+                  f"throughput during the perplexity run ({e['threads']} threads, shared machine: noisy)."
+                  + (f" imatrix: `llama-imatrix` on the calibration split, {im['chunks']} × {im['ctx']} tokens."
+                     if im else "")]
     t = result.get("targets")
     if t:
         lines += ["", f"Target (our best Q4_0 ≤ 0.5 × llama.cpp Q4_0's gap): PPL gap ratio "
