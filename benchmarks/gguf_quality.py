@@ -126,8 +126,17 @@ def file_key(path: Path) -> dict:
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+class NotCached(Exception):
+    """--cached-only: a step that is not in the cache would have to run."""
+
+
+CACHED_ONLY = False  # set by --cached-only: report what is cached, run nothing
+
+
 def run_logged(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[str, float]:
     """Run `cmd`, tee its combined output to `log_path`; return (output, wall seconds). Raises on failure."""
+    if CACHED_ONLY:
+        raise NotCached(" ".join(str(c) for c in cmd[:2]))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"$ {' '.join(str(c) for c in cmd)}")
     t0 = time.perf_counter()
@@ -470,13 +479,18 @@ def targets(rows: list[dict], fp_ppl: float) -> dict | None:
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="Also run respin-export --eval on the Hadamard GPTQ Q4_0 file for torch<->llama.cpp parity.")
 @click.option("--parity-tokens", type=int, default=8192, show_default=True, help="--eval-tokens of the parity run.")
-def main(build_dir, skip_build, only, chunks, ctx, imatrix_chunks, threads, calib_samples, parity, parity_tokens):
+@click.option("--cached-only", is_flag=True,
+              help="Run nothing: write the results from what earlier (interrupted) runs cached, listing the rest.")
+def main(build_dir, skip_build, only, chunks, ctx, imatrix_chunks, threads, calib_samples, parity, parity_tokens,
+         cached_only):
     """Measure our GGUF files and llama.cpp's own quantizations with llama-perplexity."""
+    global CACHED_ONLY
+    CACHED_ONLY = cached_only
     t_start = time.perf_counter()
     specs = select_specs(only)
     for sub in ("models", "reports", "logs", "ppl", "rows"):
         (WORK / sub).mkdir(parents=True, exist_ok=True)
-    bin_dir = ensure_tools(build_dir.resolve(), skip_build)
+    bin_dir = ensure_tools(build_dir.resolve(), skip_build or cached_only)
     texts = write_texts()
     kld_base = WORK / "models" / f"f32.c{ctx}-k{chunks}.kld"
 
@@ -484,30 +498,41 @@ def main(build_dir, skip_build, only, chunks, ctx, imatrix_chunks, threads, cali
     made = {FP.slug: export_ours(FP, None)}
     measured = {FP.slug: perplexity(FP, bin_dir, texts["evaluation"], chunks, ctx, threads, kld_base)}
     imatrix = parity_report = None
+    missing = []
     for spec in specs:
         if spec is FP:
             continue
-        log(f"{spec.name}: make")
-        if spec.kind == "ours":
-            made[spec.slug] = export_ours(spec, calib_samples)
-        else:
-            if spec.imatrix and imatrix is None:
-                imatrix = make_imatrix(bin_dir, Path(texts["calibration"]["path"]), imatrix_chunks, ctx, threads)
-            made[spec.slug] = quantize_llamacpp(spec, bin_dir, imatrix, threads)
-        log(f"{spec.name}: llama-perplexity")
-        measured[spec.slug] = perplexity(spec, bin_dir, texts["evaluation"], chunks, ctx, threads, kld_base)
+        try:
+            log(f"{spec.name}: make")
+            if spec.kind == "ours":
+                made[spec.slug] = export_ours(spec, calib_samples)
+            else:
+                if spec.imatrix and imatrix is None:
+                    imatrix = make_imatrix(bin_dir, Path(texts["calibration"]["path"]), imatrix_chunks, ctx, threads)
+                made[spec.slug] = quantize_llamacpp(spec, bin_dir, imatrix, threads)
+            log(f"{spec.name}: llama-perplexity")
+            measured[spec.slug] = perplexity(spec, bin_dir, texts["evaluation"], chunks, ctx, threads, kld_base)
+        except NotCached:
+            missing.append(spec.name)
+            continue
         r = measured[spec.slug]
         log(f"{spec.name}: PPL {r['ppl']:.4f}  KLD {r['kld_mean']:.5f}  {r.get('tok_s', 0):.0f} tok/s")
         if spec.slug == PARITY_OF and parity and not only:  # right after its row: it matters more than Q4_1
             log("parity: respin-export --eval (Hadamard GPTQ Q4_0)")
-            parity_report = parity_run(parity_tokens, calib_samples)
+            try:
+                parity_report = parity_run(parity_tokens, calib_samples)
+            except NotCached:
+                missing.append("parity")
 
     rows = [build_row(s, made[s.slug], measured[s.slug], texts["evaluation"], chunks, ctx)
-            for s in [FP, *[s for s in specs if s is not FP]]]
+            for s in [FP, *[s for s in specs if s is not FP]] if s.slug in measured]
     fp_ppl = measured[FP.slug]["ppl"]
 
     result = assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, parity_report,
                       made[FP.slug], llama_version(build_dir.resolve()), time.perf_counter() - t_start)
+    if missing:
+        result["missing"] = missing  # --cached-only: rows / parity not measured yet
+        log(f"not measured yet: {', '.join(missing)}")
     if only:  # a partial run must not overwrite the full results
         out_json = WORK / "gguf_quality.partial.json"
         write_json(out_json, result)
@@ -595,6 +620,8 @@ def markdown_md(result: dict) -> str:
         lines += ["", f"Target (our best Q4_0 ≤ 0.5 × llama.cpp Q4_0's gap): PPL gap ratio "
                       f"{t['ppl_gap_ratio']:.2f} ({'met' if t['ppl_target_met'] else 'not met'}), mean-KLD ratio "
                       f"{t['kld_ratio']:.2f} ({'met' if t['kld_target_met'] else 'not met'})."]
+    if result.get("missing"):
+        lines += ["", f"**Partial results** — not measured yet: {', '.join(result['missing'])}."]
     for key, label in (("parity", "with activation-block emulation"), ("parity_fp32", "fp32 torch, no emulation")):
         p = result.get(key)
         if p:
