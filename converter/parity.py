@@ -7,7 +7,7 @@ Accumulated segment by segment, so full-vocabulary logits of only one segment ar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,12 +62,9 @@ class NLLAccumulator:
 
     nll: float = 0.0
     n_pred: int = 0
-    per_segment: list = field(default_factory=list)
 
     def add(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        seg = float(nll_from_logits(logits, tokens).sum())
-        self.per_segment.append(seg)
-        self.nll += seg
+        self.nll += float(nll_from_logits(logits, tokens).sum())
         self.n_pred += tokens.numel() - 1
 
     @property

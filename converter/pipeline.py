@@ -23,7 +23,7 @@ from converter.quantization.calibrate import QuantConfig, QuantizedModel, load_q
 from converter.report import Timings, peak_rss_mb, versions, write_json_atomic
 from converter.validation import ValidationConfig, validate_gguf
 from rotations.fusion import apply_rotations, fold_norms
-from rotations.rotations import ROTATION_KINDS, Rotations, make_rotations
+from rotations.rotations import Rotations, make_rotations
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def convert(cfg: ConvertConfig) -> dict:
         del reference_logits
     calibration = None
     with timings.stage("quantize"):
-        if cfg.quant.method == "gptq" and cfg.quant.wtype != "f32":
+        if cfg.quant.needs_calibration:
             calibration = calibration_batches(loaded.tokenizer, corpus.calibration, cfg.calib_samples,
                                               cfg.calib_seq_len, seed=cfg.seed)
         qmodel = quantize_model(fused, cfg.quant, calibration)
@@ -136,7 +136,7 @@ def _provenance(cfg: ConvertConfig, rotations: Rotations | None, qmodel: Quantiz
     prov = {
         "rotation.kind": cfg.rotate,
         "rotation.seed": cfg.seed,
-        "quant.method": q.method if q.wtype != "f32" else "none",
+        "quant.method": q.method if q.quantizes else "none",
         "quant.wtype": q.wtype,
         "quant.head_type": q.head_type,
         "quant.group_size": 32,
@@ -146,7 +146,7 @@ def _provenance(cfg: ConvertConfig, rotations: Rotations | None, qmodel: Quantiz
     }
     if rotations is not None:
         prov.update({f"rotation.{k}": v for k, v in rotations.notes.items()})
-    if q.method == "gptq" and q.wtype != "f32":
+    if q.needs_calibration:
         prov.update({"gptq.damp": q.gptq.percdamp, "gptq.act_order": q.gptq.act_order,
                      "gptq.clip_search": q.gptq.clip_search, "gptq.block_size": q.gptq.block_size})
     return prov

@@ -49,6 +49,14 @@ class QuantConfig:
             grid(self.wtype)
             grid(self.head_type)
 
+    @property
+    def quantizes(self) -> bool:
+        return self.wtype != FLOAT_WTYPE
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantizes and self.method == "gptq"
+
     def describe(self) -> dict:
         return {"method": self.method, "wtype": self.wtype, "head_type": self.head_type,
                 "gptq": vars(self.gptq) if self.method == "gptq" else None,
@@ -73,7 +81,7 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, calibration: torch.
     calibration: token ids [n_samples, seq_len]; required for GPTQ.
     """
     tensors: dict[str, QuantizedTensor] = {}
-    if cfg.wtype == FLOAT_WTYPE:
+    if not cfg.quantizes:
         return QuantizedModel(tensors, cfg, 0)
     head_spec, spec = grid(cfg.head_type), grid(cfg.wtype)
     embed = model.model.embed_tokens.weight.detach().float()
