@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from converter.arch import ModelShape, decoder_layers
+from converter.arch import ModelShape, decoder_layers, layer_linears
 from rotations.rotations import Rotations
 
 logger = logging.getLogger(__name__)
@@ -58,54 +58,64 @@ def fold_norms(model: torch.nn.Module) -> None:
     _fold_scale_into(model.model.norm, [model.lm_head])
 
 
-def _rotate_input(linear: torch.nn.Linear, R: torch.Tensor) -> None:
-    linear.weight.copy_(linear.weight @ R)
+def rotate_layer_weights(params: dict[str, torch.Tensor], R_attn: torch.Tensor, R_mlp: torch.Tensor,
+                         R_out: torch.Tensor, R2: torch.Tensor | None, shape: ModelShape) -> dict[str, torch.Tensor]:
+    """The weights of one decoder layer with its residual bases and head rotations fused (pure, differentiable).
+
+    params: "q_proj.weight", …, "down_proj.weight" (+ any "*.bias") of the canonical layer.
+    The attention block reads the stream in basis R_attn and writes in R_mlp; the MLP block reads in
+    R_mlp and writes in R_out (all equal for QuaRot/SpinQuant: R1). R2: [d_h, d_h] for every head or
+    [n_kv_heads, d_h, d_h], one per KV head shared by its query group.
+    """
+    out = dict(params)
+    for short in ("q_proj", "k_proj", "v_proj"):
+        out[f"{short}.weight"] = params[f"{short}.weight"] @ R_attn
+    for short in ("gate_proj", "up_proj"):
+        out[f"{short}.weight"] = params[f"{short}.weight"] @ R_mlp
+    for short, R in (("o_proj", R_mlp), ("down_proj", R_out)):
+        out[f"{short}.weight"] = R.T @ params[f"{short}.weight"]
+        if f"{short}.bias" in params:
+            out[f"{short}.bias"] = params[f"{short}.bias"] @ R
+    if R2 is not None:
+        R2 = R2.expand(shape.n_kv_heads, shape.head_dim, shape.head_dim) if R2.dim() == 2 else R2
+        d = shape.head_dim
+        v = out["v_proj.weight"].reshape(shape.n_kv_heads, d, -1)
+        out["v_proj.weight"] = torch.einsum("hji,hjk->hik", R2, v).reshape(-1, v.shape[-1])
+        if "v_proj.bias" in params:
+            b = params["v_proj.bias"].reshape(shape.n_kv_heads, 1, d)
+            out["v_proj.bias"] = (b @ R2).reshape(-1)
+        # o_proj input column block of query head h uses the R2 of its KV head h // group
+        R2_q = R2.repeat_interleave(shape.n_heads // shape.n_kv_heads, dim=0)
+        o = out["o_proj.weight"].reshape(-1, shape.n_heads, d)
+        out["o_proj.weight"] = torch.einsum("ohi,hij->ohj", o, R2_q).reshape(o.shape[0], -1)
+    return out
 
 
-def _rotate_output(linear: torch.nn.Linear, R: torch.Tensor) -> None:
-    linear.weight.copy_(R.T @ linear.weight)
-    if linear.bias is not None:
-        linear.bias.copy_(linear.bias @ R)
-
-
-def _rotate_heads_output(linear: torch.nn.Linear, R2: torch.Tensor, n_heads: int) -> None:
-    """v_proj: each KV head's output block `W_h ← R2ᵀ W_h` (and its bias `b_h ← b_h R2`)."""
-    d = R2.shape[0]
-    w = linear.weight.view(n_heads, d, -1)
-    w.copy_(torch.einsum("ji,hjk->hik", R2, w))
-    if linear.bias is not None:
-        b = linear.bias.view(n_heads, d)
-        b.copy_(b @ R2)
-
-
-def _rotate_heads_input(linear: torch.nn.Linear, R2: torch.Tensor, n_heads: int) -> None:
-    """o_proj: each query head's input columns `W[:, h] ← W[:, h] R2` (GQA: same R2 for the group)."""
-    d = R2.shape[0]
-    w = linear.weight.view(linear.out_features, n_heads, d)
-    w.copy_(torch.einsum("ohi,ij->ohj", w, R2))
+def layer_params(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """"q_proj.weight" … "down_proj.bias" → the layer's linear parameters."""
+    return {f"{short}.{kind}": p for short, linear in layer_linears(layer).items()
+            for kind, p in (("weight", linear.weight), ("bias", linear.bias)) if p is not None}
 
 
 @torch.no_grad()
 def apply_rotations(model: torch.nn.Module, rotations: Rotations, shape: ModelShape) -> None:
-    """Fuse R1 (residual stream) and per-layer R2 (V/O heads) into the weights of a folded model.
+    """Fuse the residual bases (R1, or ReSpinQuant's per-block bases) and per-layer R2 (V/O heads)
+    into the weights of a folded model.
 
-    Requires `fold_norms` first (unit norm scales), else the function changes.
+    Requires `fold_norms` first (unit norm scales), else the function changes. With per-block bases
+    the model needs its skip-path corrections at run time (`rotations.online`).
     """
     embed = model.model.embed_tokens
     if model.lm_head.weight.data_ptr() == embed.weight.data_ptr():
         # Rotating a tied pair would apply R1 twice to one tensor: fold_norms unties it.
         raise ValueError("apply_rotations needs an untied lm_head: run fold_norms first")
     dtype = model.lm_head.weight.dtype
-    R1 = rotations.R1.to(dtype)
-    embed.weight.copy_(embed.weight @ R1)
+    basis = [rotations.residual_basis(b).to(dtype) for b in range(2 * shape.n_layers + 1)]
+    embed.weight.copy_(embed.weight @ basis[0])
     for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _rotate_input(linear, R1)
-        for linear in (attn.o_proj, mlp.down_proj):
-            _rotate_output(linear, R1)
-        if rotations.R2 is not None:
-            R2 = rotations.R2[i].to(dtype)
-            _rotate_heads_output(attn.v_proj, R2, shape.n_kv_heads)
-            _rotate_heads_input(attn.o_proj, R2, shape.n_heads)
-    _rotate_input(model.lm_head, R1)
+        R2 = None if rotations.R2 is None else rotations.R2[i].to(dtype)
+        params = layer_params(layer)
+        fused = rotate_layer_weights(params, basis[2 * i], basis[2 * i + 1], basis[2 * i + 2], R2, shape)
+        for name, p in params.items():
+            p.copy_(fused[name])
+    model.lm_head.weight.copy_(model.lm_head.weight @ basis[-1])

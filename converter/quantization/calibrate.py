@@ -137,7 +137,8 @@ def _capture_layer0_inputs(model, calibration: torch.Tensor, batch_size: int):
         kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    # prepend: grab the stream before any simulated-quant hook of the layer transforms it
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
     try:
         for chunk in calibration.split(batch_size):
             try:

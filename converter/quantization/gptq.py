@@ -95,8 +95,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
     rounded in float32 with llama.cpp's arithmetic (see `quantize_with_params`).
     """
     out, n_in = w.shape
-    gs = spec.group_size
-    if n_in % gs or cfg.block_size % gs:
+    gs = spec.group_for(n_in)
+    # Groups wider than a lazy block (per-channel grids) are fitted up front, like act-order's.
+    static_groups = cfg.act_order or gs > cfg.block_size
+    if n_in % gs or (not static_groups and cfg.block_size % gs):
         raise QuantizationError(f"GPTQ on {spec.name}: input dim {n_in} and block_size {cfg.block_size} "
                                 f"must be multiples of group_size {gs}")
     if tuple(H.shape) != (n_in, n_in):
@@ -121,9 +123,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
             offset[:, g] = m
 
     perm = torch.arange(n_in, device=W.device)
-    if cfg.act_order:
-        for g in range(n_groups):  # static groups: fitted on the original weights
+    if static_groups:
+        for g in range(n_groups):  # fitted on the original weights
             fit(g, W[:, g * gs : (g + 1) * gs])
+    if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     group_of = (perm // gs).tolist()  # group of the j-th processed column
@@ -137,7 +140,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            if not cfg.act_order and (i1 + i) % gs == 0:
+            if not static_groups and (i1 + i) % gs == 0:
                 # fitted on the group's weights as updated so far (block_size is a multiple of gs)
                 fit((i1 + i) // gs, W1[:, i : i + gs])
             g = group_of[i1 + i]

@@ -21,7 +21,8 @@ class QuantizationError(RespinError, ValueError):
 
 @dataclass(frozen=True)
 class GridSpec:
-    """`bits`-bit codes, one scale `d` (and min `m`) per group of `group_size` input columns.
+    """`bits`-bit codes, one scale `d` (and min `m`) per group of `group_size` input columns
+    (`group_size` 0: one group per row, "per channel", as integer W4A4 GEMMs need).
 
     symmetric:   value = d * (q - zero_point),  q in [zero_point - 2**(bits-1), zero_point + 2**(bits-1) - 1]
     asymmetric:  value = d * q + m,             q in [0, 2**bits - 1]
@@ -43,10 +44,14 @@ class GridSpec:
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise QuantizationError(f"grid {self.name}: bits must be in 2..8 (got {self.bits})")
-        if self.group_size < 1:
-            raise QuantizationError(f"grid {self.name}: group_size must be positive (got {self.group_size})")
+        if self.group_size < 0:
+            raise QuantizationError(f"grid {self.name}: group_size must be >= 0 (got {self.group_size})")
         if not self.symmetric and (self.zero_point or self.signed_max):
             raise QuantizationError(f"grid {self.name}: zero_point/signed_max apply to symmetric grids only")
+
+    def group_for(self, n_in: int) -> int:
+        """Columns per group for a weight with `n_in` inputs."""
+        return self.group_size or n_in
 
     @property
     def qmin(self) -> int:
@@ -75,6 +80,14 @@ def grid(name: str) -> GridSpec:
         raise QuantizationError(f"unknown weight grid '{name}'; supported: {', '.join(GRIDS)}") from None
 
 
+def int_grid(bits: int, symmetric: bool = True, group_size: int = 0) -> GridSpec:
+    """A plain integer grid with float32 params, e.g. the per-channel symmetric int4 weights of
+    W4A4 (QuaRot/SpinQuant): value = d * q, q in [-8, 7]."""
+    kind = "sym" if symmetric else "asym"
+    return GridSpec(f"int{bits}_{kind}_g{group_size}", bits=bits, symmetric=symmetric, group_size=group_size,
+                    fp16_params=False)
+
+
 @dataclass
 class QuantizedTensor:
     """A weight [out, in] as integer codes + per-group params: exactly what a GGUF block stores.
@@ -91,10 +104,10 @@ class QuantizedTensor:
 
     def __post_init__(self) -> None:
         out, n_in = self.codes.shape
-        groups = (out, n_in // self.spec.group_size)
-        if n_in % self.spec.group_size or tuple(self.scale.shape) != groups:
+        gs = self.spec.group_for(n_in)
+        if n_in % gs or tuple(self.scale.shape) != (out, n_in // gs):
             raise QuantizationError(f"{self.spec.name}: codes {tuple(self.codes.shape)} and scale "
-                                    f"{tuple(self.scale.shape)} do not match group_size {self.spec.group_size}")
+                                    f"{tuple(self.scale.shape)} do not match group_size {gs}")
         if (self.offset is None) != self.spec.symmetric:
             raise QuantizationError(f"{self.spec.name}: offset must be given iff the grid is asymmetric")
 
@@ -104,7 +117,7 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in]; bit-exact with `gguf.quants.dequantize` of the packed blocks."""
-        gs = self.spec.group_size
+        gs = self.spec.group_for(self.codes.shape[1])
         offset = None if self.offset is None else self.offset.repeat_interleave(gs, dim=1)
         return dequantize_codes(self.codes, self.scale.repeat_interleave(gs, dim=1), offset, self.spec)
 

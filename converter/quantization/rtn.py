@@ -13,12 +13,13 @@ def rtn_quantize(w: torch.Tensor, spec: GridSpec, clip_search: bool = False) -> 
 
     Without clip search the codes equal llama.cpp's reference quantizer on the fp16 scales it stores.
     """
-    if w.dim() != 2 or w.shape[1] % spec.group_size:
+    if w.dim() != 2 or w.shape[1] % spec.group_for(w.shape[1]):
         raise QuantizationError(f"{spec.name}: need a 2-D weight whose input dim is a multiple of "
                                 f"{spec.group_size} (got {tuple(w.shape)})")
     out, n_in = w.shape
-    n_groups = n_in // spec.group_size
-    groups = w.detach().float().reshape(out * n_groups, spec.group_size)
+    gs = spec.group_for(n_in)
+    n_groups = n_in // gs
+    groups = w.detach().float().reshape(out * n_groups, gs)
     d, m = fit_group_params(groups, spec, clip_search=clip_search)
     codes = quantize_with_params(groups, d[:, None], None if m is None else m[:, None], spec)
     offset = None if m is None else m.reshape(out, n_groups)

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from rotations.cayley import orthogonality_error
+
 from converter.arch import ModelShape
 from converter.errors import RespinError
 from converter.invariance import check_invariance, model_logits
@@ -96,4 +98,6 @@ def test_rotations_save_load_roundtrip(tmp_path):
     rot.save(tmp_path / "rot.safetensors")
     back = Rotations.load(tmp_path / "rot.safetensors")
     assert back.kind == "hadamard" and back.notes == rot.notes
-    assert torch.equal(back.R1, rot.R1) and torch.equal(back.R2, rot.R2)
+    # stored as float32, re-orthogonalized on load
+    assert torch.allclose(back.R1, rot.R1, atol=1e-6) and torch.allclose(back.R2, rot.R2, atol=1e-6)
+    assert orthogonality_error(back.R1) < 1e-12 and orthogonality_error(back.R2) < 1e-12
