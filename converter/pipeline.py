@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,15 +21,21 @@ from converter.invariance import check_invariance, model_logits
 from converter.loading import LoadedModel, load_model
 from converter.quantization.calibrate import QuantConfig, QuantizedModel, load_quantized_weights, quantize_model
 from converter.report import Timings, peak_rss_mb, versions, write_json_atomic
+from converter.parity import NLLAccumulator
+from converter.quantization.gptq import GPTQConfig
+from converter.quantization.grids import grid
+from converter.simquant import SimSpec, build_simquant, canonical_model, learn_rotations, model_macs_per_token
 from converter.validation import ValidationConfig, validate_gguf
 from rotations.fusion import apply_rotations, fold_norms
-from rotations.rotations import Rotations, make_rotations
+from rotations.online import SimQuantConfig
+from rotations.rotations import LEARNED_KINDS, ROTATION_KINDS, Rotations, make_rotations
+from rotations.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-EXPORT_TARGETS = ("gguf",)
+EXPORT_TARGETS = ("gguf", "rotations")
 # llama.cpp has no online ops: only rotations fully fused into the weights can go to GGUF.
-GGUF_ROTATIONS = ("none", "hadamard")
+GGUF_ROTATIONS = ("none", "hadamard", "spinquant")
 
 
 @dataclass(frozen=True)
@@ -46,35 +52,67 @@ class ConvertConfig:
     force: bool = False
     validation: ValidationConfig | None = None  # None: no evaluation after export
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    # learned rotations (spinquant / respin)
+    rotations_path: Path | None = None  # re-apply saved rotations (ours or SpinQuant's R.bin) instead of training
+    train: TrainConfig = field(default_factory=TrainConfig)
+    train_samples: int = 64  # calibration segments the rotations are trained on
+    checkpoint: Path | None = None  # None: next to the output
+    resume: bool = False
+    sim: SimSpec = field(default_factory=SimSpec)  # --to rotations: the simulated W·A·KV model
 
     def __post_init__(self) -> None:
         if self.to not in EXPORT_TARGETS:
             raise RespinError(f"unknown export target '{self.to}': supported are {', '.join(EXPORT_TARGETS)}")
+        if self.rotate not in ROTATION_KINDS:
+            raise RespinError(f"unknown rotation '{self.rotate}': supported are {', '.join(ROTATION_KINDS)}")
         if self.rotate == "respin" and self.to == "gguf":
             raise RespinError("--rotate respin cannot export to GGUF: llama.cpp cannot run ReSpinQuant's online "
-                              "skip-path corrections; use --to onnx, or --rotate none|hadamard for GGUF")
-        if self.rotate not in GGUF_ROTATIONS:
-            raise RespinError(f"unknown rotation '{self.rotate}' for GGUF: supported are {', '.join(GGUF_ROTATIONS)}")
-        if self.calib_samples < 1 or self.calib_seq_len < 2:
+                              "skip-path corrections; use --to rotations (simulated W4A4 model + rotations file), "
+                              "or --rotate none|hadamard|spinquant for GGUF")
+        if self.to == "gguf" and (self.sim.abits < 16 or self.sim.kvbits < 16):
+            raise RespinError("GGUF export is weight-only: --abits/--kvbits apply to --to rotations "
+                              "(llama.cpp's KV cache type is --kv-type)")
+        if self.calib_samples < 1 or self.calib_seq_len < 2 or self.train_samples < 1:
             raise RespinError("calibration needs at least 1 sample of at least 2 tokens")
+        if self.resume and self.rotations_path is not None:
+            raise RespinError("--resume continues training; --rotations re-applies finished rotations: pick one")
 
 
 def check_output(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise RespinError(f"output {path} exists: pass --force to overwrite")
     if path.is_dir():
-        raise RespinError(f"output {path} is a directory: give a file name ending in .gguf")
+        raise RespinError(f"output {path} is a directory: give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
+def rotations_artefact_path(output: Path) -> Path:
+    """Where learned rotations are saved next to an export (the output itself for --to rotations)."""
+    return output if output.suffix == ".safetensors" else output.with_suffix(".rotations.safetensors")
+
+
+def obtain_rotations(cfg: ConvertConfig, loaded: LoadedModel, corpus, online: SimQuantConfig,
+                     weight_grid, timings: Timings) -> Rotations | None:
+    """Saved rotations (--rotations), learned ones (spinquant/respin: trained, checkpointed), or built ones."""
+    if cfg.rotations_path is not None:
+        rotations = Rotations.load(cfg.rotations_path)
+        rotations.check_shape(loaded.shape)
+        if cfg.rotate in LEARNED_KINDS and rotations.per_block != (cfg.rotate == "respin"):
+            raise RespinError(f"{cfg.rotations_path} holds {rotations.kind} rotations, not {cfg.rotate}")
+        return rotations
+    if cfg.rotate not in LEARNED_KINDS:
+        return make_rotations(cfg.rotate, loaded.shape, cfg.seed)
+    train = replace(cfg.train, kind=cfg.rotate, seed=cfg.seed)
+    checkpoint = cfg.checkpoint or Path(cfg.output).with_suffix(".rotations.ckpt")
+    with timings.stage("train_rotations"):
+        segments = calibration_batches(loaded.tokenizer, corpus.calibration, cfg.train_samples, train.seq_len,
+                                       seed=cfg.seed + 1)
+        return learn_rotations(loaded, train, online, weight_grid, segments, checkpoint, cfg.resume)
+
+
 def rotate_model(loaded: LoadedModel, rotations: Rotations | None) -> torch.nn.Module:
-    """A canonicalized (folded, untied) copy of the model with `rotations` fused — in float64, cast back once."""
-    dtype = next(loaded.model.parameters()).dtype
-    fused = copy.deepcopy(loaded.model).to(torch.float64)
-    fold_norms(fused)
-    if rotations is not None:
-        apply_rotations(fused, rotations, loaded.shape)
-    return fused.to(dtype)
+    """A canonicalized (folded, untied) copy with `rotations` fused (float64 inside): the GGUF's model."""
+    return canonical_model(loaded, rotations, r4=False)
 
 
 def convert(cfg: ConvertConfig) -> dict:
@@ -87,9 +125,18 @@ def convert(cfg: ConvertConfig) -> dict:
     with timings.stage("corpus"):
         corpus = load_corpus(cfg.corpus)
         probe = evaluation_tokens(loaded.tokenizer, corpus.calibration, cfg.probe_tokens, cfg.probe_tokens)
+    if cfg.to == "rotations":
+        return simulate(cfg, loaded, corpus, probe, timings)
+    # GGUF is weight-only and llama.cpp has no online R3/R4: rotations are trained for W-RTN on the file's grid
+    online = SimQuantConfig.from_bits(16, 16, r3=False, r4=False)
+    rotations = obtain_rotations(cfg, loaded, corpus, online, grid(cfg.quant.wtype) if cfg.quant.quantizes else None,
+                                 timings)
+    if rotations is not None and rotations.per_block:
+        raise RespinError("per-block (ReSpinQuant) rotations cannot be fused into a GGUF file")
+    if cfg.rotate in LEARNED_KINDS and cfg.rotations_path is None:
+        rotations.save(rotations_artefact_path(output))
     with timings.stage("rotate"):
         reference_logits = model_logits(loaded.model, probe)
-        rotations = make_rotations(cfg.rotate, loaded.shape, cfg.seed)
         fused = rotate_model(loaded, rotations)
         invariance = check_invariance(reference_logits, fused, probe, what=f"{cfg.rotate}-rotated model")
         del reference_logits
@@ -119,11 +166,59 @@ def convert(cfg: ConvertConfig) -> dict:
             load_quantized_weights(quantized, qmodel)
             segments = evaluation_tokens(loaded.tokenizer, corpus.evaluation, cfg.validation.ctx, cfg.validation.tokens)
             report["validation"] = validate_gguf(loaded.model, quantized, output, segments, cfg.validation)
+    if cfg.rotate in LEARNED_KINDS:
+        report["rotations_file"] = str(cfg.rotations_path or rotations_artefact_path(output))
+    return _finish(report, timings)
+
+
+def _finish(report: dict, timings: Timings) -> dict:
     report["timings_s"] = timings.seconds
     report["convert_s"] = round(sum(v for k, v in timings.seconds.items() if k != "validate"), 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["versions"] = versions()
     return report
+
+
+def simulate(cfg: ConvertConfig, loaded: LoadedModel, corpus, probe: torch.Tensor, timings: Timings) -> dict:
+    """--to rotations: learn/build the rotations, save them, build the simulated W·A·KV model, evaluate it."""
+    output = Path(cfg.output)
+    if output.suffix != ".safetensors":
+        raise RespinError(f"--to rotations writes a .safetensors rotations file (got {output.name})")
+    spec = cfg.sim
+    rotations = obtain_rotations(cfg, loaded, corpus, spec.online(), spec.weight_grid(), timings)
+    calibration = None
+    with timings.stage("quantize"):
+        if spec.wquant == "gptq" and spec.wbits < 16:
+            calibration = calibration_batches(loaded.tokenizer, corpus.calibration, cfg.calib_samples,
+                                              cfg.calib_seq_len, seed=cfg.seed)
+        sim = build_simquant(loaded, rotations, spec, probe, calibration,
+                             GPTQConfig(cfg.quant.gptq.percdamp, act_order=cfg.quant.gptq.act_order,
+                                        clip_search=cfg.quant.gptq.clip_search))
+    with timings.stage("export"):
+        if rotations is None:
+            raise RespinError("--to rotations needs a rotation: --rotate hadamard|spinquant|respin")
+        rotations = replace(rotations, config={**rotations.config, "sim": spec.describe()})
+        rotations.save(output)
+    report = {
+        "tool": "respin-export", "version": __version__, "command": "convert", "output": str(output),
+        "source": loaded.source.describe(), "file_bytes": output.stat().st_size,
+        "config": {"to": cfg.to, "rotate": cfg.rotate, "seed": cfg.seed, "sim": spec.describe(),
+                   "train": None if cfg.rotate not in LEARNED_KINDS else vars(cfg.train)},
+        "rotations": rotations.describe(), "invariance": sim.invariance.describe(),
+        "rank": sim.rank, "correction_fp_max_abs_logit_err": sim.correction_fp_err,
+        "online_macs_per_token": sim.online_macs_per_token, "model_macs_per_token": model_macs_per_token(loaded),
+        "corpus": corpus.describe(),
+    }
+    if cfg.validation is not None:
+        with timings.stage("validate"):
+            segments = evaluation_tokens(loaded.tokenizer, corpus.evaluation, cfg.validation.ctx, cfg.validation.tokens)
+            ppl, tokens = sim.perplexity(segments)
+            fp = NLLAccumulator()
+            with torch.no_grad():
+                for seg in segments:
+                    fp.add(loaded.model(input_ids=seg[None], use_cache=False).logits[0], seg)
+            report["validation"] = {"tokens": tokens, "ctx": cfg.validation.ctx, "fp_ppl": fp.ppl, "sim_ppl": ppl}
+    return _finish(report, timings)
 
 
 def _model_name(loaded: LoadedModel) -> str:
@@ -136,6 +231,7 @@ def _provenance(cfg: ConvertConfig, rotations: Rotations | None, qmodel: Quantiz
     prov = {
         "rotation.kind": cfg.rotate,
         "rotation.seed": cfg.seed,
+        "rotation.source": str(cfg.rotations_path.name) if cfg.rotations_path else "built",
         "quant.method": q.method if q.quantizes else "none",
         "quant.wtype": q.wtype,
         "quant.head_type": q.head_type,
@@ -146,6 +242,9 @@ def _provenance(cfg: ConvertConfig, rotations: Rotations | None, qmodel: Quantiz
     }
     if rotations is not None:
         prov.update({f"rotation.{k}": v for k, v in rotations.notes.items()})
+        train = rotations.config.get("train")
+        if train:
+            prov.update({f"rotation.train.{k}": train[k] for k in ("steps", "lr", "batch_size", "seq_len")})
     if q.needs_calibration:
         prov.update({"gptq.damp": q.gptq.percdamp, "gptq.act_order": q.gptq.act_order,
                      "gptq.clip_search": q.gptq.clip_search, "gptq.block_size": q.gptq.block_size})

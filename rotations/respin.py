@@ -59,10 +59,21 @@ def transitions(bases: torch.Tensor) -> torch.Tensor:
     return bases[:-1].mT @ bases[1:]
 
 
-def dense_correction(T: torch.Tensor) -> SkipCorrection:
-    """The exact transition as a correction (Q = I, M = T − I): used while training."""
-    eye = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device)
-    return SkipCorrection(eye, T - eye)
+@dataclass
+class DenseTransition:
+    """The exact transition x ↦ x T (training, and rank 'full' ablations)."""
+
+    T: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.T.to(x.dtype)
+
+    def apply_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.T.to(x.dtype).T
+
+
+def dense_correction(T: torch.Tensor) -> DenseTransition:
+    return DenseTransition(T)
 
 
 def parse_rank(rank: int | str, hidden: int) -> int:

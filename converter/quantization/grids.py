@@ -73,11 +73,13 @@ GRIDS: dict[str, GridSpec] = {
 
 
 def grid(name: str) -> GridSpec:
-    """The registered grid called `name` (case-insensitive)."""
-    try:
-        return GRIDS[name.lower()]
-    except KeyError:
-        raise QuantizationError(f"unknown weight grid '{name}'; supported: {', '.join(GRIDS)}") from None
+    """The registered grid called `name` (case-insensitive), or "int2" … "int8": per-channel symmetric."""
+    name = name.lower()
+    if name in GRIDS:
+        return GRIDS[name]
+    if len(name) == 4 and name.startswith("int") and name[3] in "2345678":
+        return int_grid(int(name[3]))
+    raise QuantizationError(f"unknown weight grid '{name}'; supported: {', '.join(GRIDS)}, int2 … int8")
 
 
 def int_grid(bits: int, symmetric: bool = True, group_size: int = 0) -> GridSpec:
