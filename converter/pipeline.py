@@ -74,6 +74,10 @@ class ConvertConfig:
                               "(llama.cpp's KV cache type is --kv-type)")
         if self.calib_samples < 1 or self.calib_seq_len < 2 or self.train_samples < 1:
             raise RespinError("calibration needs at least 1 sample of at least 2 tokens")
+        if self.to == "rotations" and Path(self.output).suffix != ".safetensors":
+            raise RespinError(f"--to rotations writes a .safetensors rotations file (got {Path(self.output).name})")
+        if self.resume and (self.checkpoint is None or not Path(self.checkpoint).is_file()):
+            raise RespinError(f"--resume: no checkpoint at {self.checkpoint}")
         if self.resume and self.rotations_path is not None:
             raise RespinError("--resume continues training; --rotations re-applies finished rotations: pick one")
 
@@ -134,7 +138,7 @@ def convert(cfg: ConvertConfig) -> dict:
     if rotations is not None and rotations.per_block:
         raise RespinError("per-block (ReSpinQuant) rotations cannot be fused into a GGUF file")
     if cfg.rotate in LEARNED_KINDS and cfg.rotations_path is None:
-        rotations.save(rotations_artefact_path(output))
+        rotations = _save_learned(rotations, rotations_artefact_path(output))
     with timings.stage("rotate"):
         reference_logits = model_logits(loaded.model, probe)
         fused = rotate_model(loaded, rotations)
@@ -171,6 +175,12 @@ def convert(cfg: ConvertConfig) -> dict:
     return _finish(report, timings)
 
 
+def _save_learned(rotations: Rotations, path: Path) -> Rotations:
+    """Save learned rotations; return them as the file gives them back (what this run must use)."""
+    rotations.save(path)
+    return rotations.as_stored()
+
+
 def _finish(report: dict, timings: Timings) -> dict:
     report["timings_s"] = timings.seconds
     report["convert_s"] = round(sum(v for k, v in timings.seconds.items() if k != "validate"), 3)
@@ -182,10 +192,13 @@ def _finish(report: dict, timings: Timings) -> dict:
 def simulate(cfg: ConvertConfig, loaded: LoadedModel, corpus, probe: torch.Tensor, timings: Timings) -> dict:
     """--to rotations: learn/build the rotations, save them, build the simulated W·A·KV model, evaluate it."""
     output = Path(cfg.output)
-    if output.suffix != ".safetensors":
-        raise RespinError(f"--to rotations writes a .safetensors rotations file (got {output.name})")
     spec = cfg.sim
     rotations = obtain_rotations(cfg, loaded, corpus, spec.online(), spec.weight_grid(), timings)
+    if rotations is None:
+        raise RespinError("--to rotations needs a rotation: --rotate hadamard|spinquant|respin")
+    to_save = replace(rotations, config={**rotations.config, "sim": spec.describe()})
+    # the run uses exactly what the file gives back, so --rotations PATH reproduces it
+    rotations = to_save if cfg.rotations_path is not None else to_save.as_stored()
     calibration = None
     with timings.stage("quantize"):
         if spec.wquant == "gptq" and spec.wbits < 16:
@@ -195,10 +208,7 @@ def simulate(cfg: ConvertConfig, loaded: LoadedModel, corpus, probe: torch.Tenso
                              GPTQConfig(cfg.quant.gptq.percdamp, act_order=cfg.quant.gptq.act_order,
                                         clip_search=cfg.quant.gptq.clip_search))
     with timings.stage("export"):
-        if rotations is None:
-            raise RespinError("--to rotations needs a rotation: --rotate hadamard|spinquant|respin")
-        rotations = replace(rotations, config={**rotations.config, "sim": spec.describe()})
-        rotations.save(output)
+        to_save.save(output)
     report = {
         "tool": "respin-export", "version": __version__, "command": "convert", "output": str(output),
         "source": loaded.source.describe(), "file_bytes": output.stat().st_size,

@@ -25,7 +25,7 @@ from converter.quantization.gptq import GPTQConfig
 from converter.quantization.grids import GridSpec, grid
 from rotations.fusion import apply_rotations, fold_norms
 from rotations.online import SimQuantConfig, SimQuantHandle, SkipCorrections, attach_simquant, check_online_sizes, fuse_r4
-from rotations.respin import dense_correction, online_macs_per_token, parse_rank, skip_corrections, transitions
+from rotations.respin import FULL_RANK, dense_correction, online_macs_per_token, parse_rank, skip_corrections, transitions
 from rotations.rotations import Rotations
 from rotations.training import TrainConfig, train_rotations
 
@@ -52,6 +52,8 @@ class SimSpec:
             raise RespinError(f"--wbits must be 2..8 or 16 (got {self.wbits})")
         if isinstance(self.rank, str) and self.rank.isdigit():
             object.__setattr__(self, "rank", int(self.rank))
+        if self.rank != FULL_RANK and not (isinstance(self.rank, int) and self.rank >= 0):
+            raise RespinError(f"--rank must be a non-negative integer or 'full' (got {self.rank!r})")
 
     @property
     def wtype(self) -> str:

@@ -54,6 +54,13 @@ class Rotations:
                 "residual_bases": self.R1.shape[0] if self.per_block else 1,
                 "dim_R2": None if self.R2 is None else self.R2.shape[-1], **self.notes, **self.config}
 
+    def as_stored(self) -> "Rotations":
+        """These rotations as `save` + `load` gives them back (float32, re-orthogonalized): use them
+        in the run that saves them, so re-applying the file reproduces that run exactly."""
+        R2 = None if self.R2 is None else nearest_orthogonal(self.R2.float())
+        return Rotations(self.kind, nearest_orthogonal(self.R1.float()), R2, self.seed, dict(self.notes),
+                         dict(self.config))
+
     def save(self, path: Path) -> None:
         """float32 safetensors (a ReSpinQuant set for SmolLM2 is 61 × 576² values); `load`
         re-orthogonalizes. Written to a temp file and renamed."""

@@ -27,7 +27,8 @@ def _one_line_error(result, *needles):
 def test_help_explains_every_option():
     out = _run("--help").output
     for option in ("--to", "--rotate", "--quant", "--wtype", "--head-type", "--act-order", "--damp", "--clip-search",
-                   "--calib-samples", "--eval", "--kv-type", "--report", "--force", "--debug"):
+                   "--calib-samples", "--eval", "--kv-type", "--report", "--force", "--debug", "--rotations", "--rank",
+                   "--wbits", "--abits", "--kvbits", "--train-steps", "--resume", "--checkpoint"):
         assert option in out
 
 
@@ -50,7 +51,11 @@ def test_convert_tiny_model_writes_gguf_and_report(tiny_hf_dirs, tmp_path):
 @pytest.mark.parametrize("args,needles", [
     (["--wtype", "q5_9"], ["--wtype", "q5_9", "q4_0"]),
     (["--head-type", "f8"], ["--head-type", "f8"]),
-    (["--rotate", "respin"], ["respin", "llama.cpp", "skip-path"]),
+    (["--rotate", "respin", "--to", "gguf"], ["respin", "llama.cpp", "skip-path"]),
+    (["--abits", "4"], ["weight-only", "--abits"]),
+    (["--rotate", "respin", "--rank", "lots"], ["--rank", "lots"]),
+    (["--to", "rotations"], [".safetensors"]),
+    (["--resume", "nowhere.ckpt", "--rotate", "spinquant"], ["no checkpoint", "nowhere.ckpt"]),
     (["--rotate", "spiral"], ["spiral", "hadamard"]),
     (["--quant", "awq"], ["awq", "gptq", "rtn"]),
     (["--to", "tflite"], ["tflite", "gguf"]),
@@ -105,3 +110,47 @@ def test_unsupported_hadamard_size_never_crashes_offline(tiny_hf_dirs, tmp_path,
     result = _run(src, "-o", tmp_path / "m.gguf", "--wtype", "f32", "--report", report)
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["rotations"]["R1"] == "random"
+
+
+TRAIN_ARGS = ("--train-steps", 3, "--train-seq-len", 32, "--train-samples", 3, "--checkpoint-every", 2,
+              "--calib-samples", 4, "--calib-seq-len", 32)
+
+
+def test_respin_learns_saves_and_reapplies_rotations(tiny_hf_dirs, tmp_path):
+    """The issue's command on a tiny model: train, save, evaluate W4A4KV4; re-apply without training."""
+    out, report = tmp_path / "rot.safetensors", tmp_path / "r.json"
+    args = ("--rank", 8, "--wbits", 4, "--abits", 4, "--kvbits", 4, "--eval", "--eval-tokens", 256, "--eval-ctx", 64)
+    result = _run(tiny_hf_dirs["llama"], "--rotate", "respin", "-o", out, *args, *TRAIN_ARGS, "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["config"]["to"] == "rotations" and data["rank"] == 8
+    assert data["invariance"]["passed"] and data["online_macs_per_token"] == 4 * (2 * 64 * 8 + 64)
+    v = data["validation"]
+    # a random model: PPL near the vocab size either way, but quantization must change it
+    assert v["tokens"] == 4 * 63 and 1 < v["fp_ppl"] < 1e6 and 1 < v["sim_ppl"] < 1e6
+    assert abs(v["sim_ppl"] / v["fp_ppl"] - 1) > 1e-4
+    assert (tmp_path / "rot.rotations.ckpt").exists()  # the checkpoint of the last step
+    from rotations.rotations import Rotations
+
+    rot = Rotations.load(out)
+    assert rot.per_block and tuple(rot.R1.shape) == (5, 64, 64) and rot.config["train"]["steps"] == 3
+    # re-applied without training: the same simulated model, the same perplexity
+    again = tmp_path / "again.json"
+    result = _run(tiny_hf_dirs["llama"], "--rotate", "respin", "--rotations", out, "-o", tmp_path / "copy.safetensors",
+                  *args, "--calib-samples", 4, "--calib-seq-len", 32, "--report", again)
+    assert result.exit_code == 0, result.output
+    assert json.loads(again.read_text())["validation"]["sim_ppl"] == pytest.approx(v["sim_ppl"], rel=1e-5)
+
+
+def test_spinquant_gguf_writes_file_and_rotations(tiny_hf_dirs, tmp_path):
+    out, report = tmp_path / "m.gguf", tmp_path / "r.json"
+    result = _run(tiny_hf_dirs["llama"], "--rotate", "spinquant", "-o", out, *TRAIN_ARGS, "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["invariance"]["passed"] and data["provenance"]["rotation.train.steps"] == 3
+    rotations = tmp_path / "m.rotations.safetensors"
+    assert data["rotations_file"] == str(rotations) and rotations.exists()
+    import gguf
+
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["respin.rotation.kind"].contents() == "spinquant"
