@@ -9,7 +9,7 @@ tools are built from the source vendored in the pinned llama-cpp-python sdist
 Rows:
   - FP reference: our F32 GGUF (untied head; the FP function of the bundled model);
   - llama.cpp's own Q4_0, Q4_1, Q4_K_M and Q4_K_M + imatrix (llama-quantize of that same F32 file);
-  - ours: {RTN, GPTQ} x {no rotation, Hadamard} x {Q4_0, Q4_1}.
+  - ours: {RTN, GPTQ} x {no rotation, Hadamard} x {Q4_0, Q4_1}, and Q4_0 GPTQ with learned SpinQuant R1/R2.
 
 Everything lives in benchmarks/work/ (git-ignored) and each finished step is cached there, so an
 interrupted run continues where it stopped. Results: benchmarks/results/gguf_quality.{json,md}.
@@ -75,6 +75,9 @@ def all_specs() -> list[Spec]:
                 label = f"ours {wtype.upper()} {quant.upper()}" + ("+Hadamard" if rotate == "hadamard" else "")
                 specs.append(Spec(f"ours-{wtype}-{quant}-{rotate}", label, "ours", wtype, rotate, quant,
                                   cli_args=("--wtype", wtype, "--rotate", rotate, "--quant", quant)))
+    # learned R1/R2 (trained for Q4_0 RTN weights, the CLI's defaults), then GPTQ; the convert time includes training
+    specs.append(Spec("ours-q4_0-gptq-spinquant", "ours Q4_0 GPTQ+SpinQuant", "ours", "q4_0", "spinquant", "gptq",
+                      cli_args=("--wtype", "q4_0", "--rotate", "spinquant", "--quant", "gptq")))
     return specs
 
 

@@ -83,10 +83,13 @@ def _print_summary(report: dict) -> None:
 @click.option("--kvbits", default=None, type=int,
               help="KV-cache bits (per token and head, asymmetric) [default: 4 for --to rotations; GGUF: 16 only].")
 @click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
-@click.option("--train-steps", default=40, show_default=True, help="spinquant/respin: Cayley SGD steps.")
-@click.option("--train-lr", default=1.5, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
+@click.option("--train-steps", default=32, show_default=True, help="spinquant/respin: Cayley SGD steps.")
+@click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
 @click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
-@click.option("--train-batch", default=1, show_default=True, help="Segments per training step.")
+@click.option("--train-batch", default=2, show_default=True, help="Segments per training step.")
+@click.option("--train-weights", default="auto", show_default=True,
+              help="Weights while training: rtn (fake-quantized) | fp | auto (fp when GPTQ follows, as SpinQuant "
+                   "does; rtn with --quant rtn).")
 @click.option("--train-samples", default=64, show_default=True, help="Calibration segments to train on.")
 @click.option("--checkpoint-every", default=10, show_default=True, help="Save a training checkpoint every N steps.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -162,7 +165,7 @@ def _convert(o: dict):
                   wquant=method, rank=o["rank"])
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
                         lr=o["train_lr"], batch_size=o["train_batch"], seq_len=o["train_seq_len"],
-                        checkpoint_every=o["checkpoint_every"])
+                        checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method))
     resume = o["resume_path"]
     cfg = ConvertConfig(output=output, model=model, to=target, rotate=rotate, quant=quant, seed=o["seed"],
                         calib_samples=o["calib_samples"], calib_seq_len=o["calib_seq_len"], force=force,
@@ -174,6 +177,13 @@ def _convert(o: dict):
         write_report(report, report_path)
     _print_summary(report)
     return report
+
+
+def _train_weights(o: dict, method: str) -> bool:
+    choice = o["train_weights"]
+    if choice not in ("auto", "rtn", "fp"):
+        raise _choice_error("--train-weights", choice, ("auto", "rtn", "fp"))
+    return choice == "rtn" or (choice == "auto" and method == "rtn")
 
 
 if __name__ == "__main__":

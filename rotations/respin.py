@@ -5,7 +5,7 @@ skip path must carry `x R_b` to `x R_{b+1}`: the transition is `T_b = R_bᵀ R_{
 All bases start from the same deterministic Hadamard, so T_b starts at I and stays close to it:
 `T_b − I` is nearly low-rank and is compressed after training to rank r:
 
-    Q = top-r singular vectors of (T − I)        (left and right ones span the same space: T is normal)
+    Q = top-r singular vectors of (T − I)        (left = right subspace: T is normal; via eigh of 2I − T − Tᵀ)
     R̂ = polar(Qᵀ T Q)                            (nearest orthogonal r×r matrix)
     x T̂ = x + ((x Q)(R̂ − I)) Qᵀ                  (T̂ = I + Q (R̂ − I) Qᵀ is orthogonal)
 
@@ -98,8 +98,10 @@ def compress_transition(T: torch.Tensor, rank: int) -> SkipCorrection:
     if rank == 0:
         empty = torch.zeros(D, 0, dtype=torch.float64, device=T.device)
         return SkipCorrection(empty, torch.zeros(0, 0, dtype=torch.float64, device=T.device))
-    U, _, _ = torch.linalg.svd(T64 - eye)
-    Q = U[:, :rank]
+    # Top-r singular vectors of T − I = top-r eigenvectors of (T − I)ᵀ(T − I) = 2I − T − Tᵀ
+    # (symmetric eigh: robust where SVD of a matrix with many equal singular values may not converge).
+    _, V = torch.linalg.eigh(2 * eye - T64 - T64.T)
+    Q = V[:, -rank:].flip(-1)
     R_hat = nearest_orthogonal(Q.T @ T64 @ Q)
     return SkipCorrection(Q, R_hat - torch.eye(rank, dtype=torch.float64, device=T.device))
 

@@ -110,9 +110,26 @@ class Rotations:
 
 
 def nearest_orthogonal(R: torch.Tensor) -> torch.Tensor:
-    """Polar factor U Vᵀ of R (batched), in float64: the closest orthogonal matrix."""
-    U, _, Vh = torch.linalg.svd(R.to(torch.float64))
-    return U @ Vh
+    """Polar factor U Vᵀ of R (batched), in float64: the closest orthogonal matrix.
+
+    LAPACK's divide-and-conquer SVD can fail to converge on matrices whose singular values are all
+    (nearly) equal — exactly the near-orthogonal ones this is mostly called on — so those fall back
+    to Newton–Schulz iterations X ← X (3I − XᵀX)/2, which converge for singular values in (0, √3).
+    """
+    R = R.to(torch.float64)
+    try:
+        U, _, Vh = torch.linalg.svd(R)
+        return U @ Vh
+    except torch.linalg.LinAlgError:
+        pass
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    X = R
+    for _ in range(100):
+        err = X.mT @ X - eye
+        if float(err.abs().max()) < 1e-14:
+            break
+        X = X @ (1.5 * eye - 0.5 * (X.mT @ X))
+    return X
 
 
 def _load_spinquant_layout(path: Path) -> Rotations:

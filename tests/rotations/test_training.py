@@ -14,7 +14,7 @@ from converter.quantization.grids import int_grid
 from rotations.cayley import orthogonality_error
 from rotations.fusion import apply_rotations, fold_norms
 from rotations.online import SimQuantConfig, fuse_r4
-from rotations.rotations import Rotations
+from rotations.rotations import Rotations, nearest_orthogonal
 from rotations.training import TrainConfig, initial_rotations, train_rotations
 
 KW = dict(hidden=96, heads=6, kv_heads=2, intermediate=192, dtype=torch.float32)
@@ -132,3 +132,17 @@ def test_per_block_rotations_roundtrip(tmp_path):
     back = Rotations.load(tmp_path / "r.safetensors")
     assert back.per_block and back.config == rot.config and torch.allclose(back.R1, bases, atol=1e-6)
     back.check_shape(shape)
+
+
+def test_nearest_orthogonal_falls_back_when_svd_fails(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    Q = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    noisy = Q + 1e-4 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    expected = nearest_orthogonal(noisy)
+
+    def failing_svd(*_a, **_k):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    got = nearest_orthogonal(noisy)
+    assert orthogonality_error(got) < 1e-13 and torch.allclose(got, expected, atol=1e-10)
