@@ -190,7 +190,7 @@ class Bench:
         return Rotations.load(rotations_path(row.mode, row.train_bits)), meta
 
     def measure(self, row: Row) -> dict:
-        from converter.simquant import SimSpec, build_simquant, model_macs_per_token
+        from converter.simquant import SimSpec, model_macs_per_token
 
         cache = WORK / "rows" / f"{row.slug}.json"
         cached = read_json(cache)
@@ -218,7 +218,6 @@ class Bench:
 
     def _build(self, row: Row, rotations, spec):
         """GPTQ weights of respin rows come from the rank-full model unless --gptq-per-rank."""
-        from converter.quantization.calibrate import QuantizedModel
         from converter.simquant import build_simquant
 
         calibration = self.calibration if row.wquant == "gptq" else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -90,6 +89,8 @@ def _print_summary(report: dict) -> None:
 @click.option("--train-weights", default="auto", show_default=True,
               help="Weights while training: rtn (fake-quantized) | fp | auto (fp when GPTQ follows, as SpinQuant "
                    "does; rtn with --quant rtn).")
+@click.option("--train-bf16/--no-train-bf16", default=False, show_default=True,
+              help="Autocast training to bfloat16 (no faster on CPUs without bf16 units: ~5.5 vs 5 s a step measured).")
 @click.option("--train-samples", default=64, show_default=True, help="Calibration segments to train on.")
 @click.option("--checkpoint-every", default=10, show_default=True, help="Save a training checkpoint every N steps.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -165,7 +166,8 @@ def _convert(o: dict):
                   wquant=method, rank=o["rank"])
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
                         lr=o["train_lr"], batch_size=o["train_batch"], seq_len=o["train_seq_len"],
-                        checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method))
+                        checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method),
+                        bf16=o["train_bf16"])
     resume = o["resume_path"]
     cfg = ConvertConfig(output=output, model=model, to=target, rotate=rotate, quant=quant, seed=o["seed"],
                         calib_samples=o["calib_samples"], calib_seq_len=o["calib_seq_len"], force=force,

@@ -26,7 +26,6 @@ from converter.quantization.gptq import GPTQConfig
 from converter.quantization.grids import grid
 from converter.simquant import SimSpec, build_simquant, canonical_model, learn_rotations, model_macs_per_token
 from converter.validation import ValidationConfig, validate_gguf
-from rotations.fusion import apply_rotations, fold_norms
 from rotations.online import SimQuantConfig
 from rotations.rotations import LEARNED_KINDS, ROTATION_KINDS, Rotations, make_rotations
 from rotations.training import TrainConfig

@@ -37,12 +37,12 @@ class SkipCorrection:
         return self.Q.shape[1]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        Q, M = self.Q.to(x.dtype), self.M.to(x.dtype)
+        Q, M = self.Q.to(x), self.M.to(x)
         return x + ((x @ Q) @ M) @ Q.T
 
     def apply_inverse(self, x: torch.Tensor) -> torch.Tensor:
         # T̂ is orthogonal: T̂⁻¹ = T̂ᵀ = I + Q Mᵀ Qᵀ
-        Q, M = self.Q.to(x.dtype), self.M.to(x.dtype)
+        Q, M = self.Q.to(x), self.M.to(x)
         return x + ((x @ Q) @ M.T) @ Q.T
 
     def dense(self) -> torch.Tensor:
@@ -66,10 +66,10 @@ class DenseTransition:
     T: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.T.to(x.dtype)
+        return x @ self.T.to(x)
 
     def apply_inverse(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.T.to(x.dtype).T
+        return x @ self.T.to(x).T
 
 
 def dense_correction(T: torch.Tensor) -> DenseTransition:
