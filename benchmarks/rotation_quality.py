@@ -243,6 +243,39 @@ class Bench:
 
 # --- output -----------------------------------------------------------------------------------
 
+def noise_floor(bench: Bench, seeds: int) -> list[dict]:
+    """W4A4KV4 perplexity of equally good rotations: Hadamard R1/R2 with random sign flips (diag(±1)·H).
+    Their spread says how far apart two rows must be to mean anything on this chaotic model."""
+    import torch
+
+    from converter.simquant import SimSpec, build_simquant
+    from rotations.rotations import Rotations, hadamard_rotations
+
+    out = []
+    base = hadamard_rotations(bench.loaded.shape)
+    for seed in range(1, seeds + 1):
+        for wquant in ("rtn", "gptq"):
+            cache = WORK / "noise" / f"seed{seed}-{wquant}.json"
+            cached = read_json(cache)
+            if cached is not None and cached.get("key") == bench.key:
+                out.append(cached["row"])
+                continue
+            g = torch.Generator().manual_seed(seed)
+            s1 = torch.randint(0, 2, (base.R1.shape[0],), generator=g).double() * 2 - 1
+            s2 = torch.randint(0, 2, (base.R2.shape[-1],), generator=g).double() * 2 - 1
+            rot = Rotations("hadamard", s1[:, None] * base.R1, s2[:, None] * base.R2)
+            log(f"noise floor: sign-flipped Hadamard seed {seed}, {wquant}")
+            sim = build_simquant(bench.loaded, rot, SimSpec(wquant=wquant), bench.probe,
+                                 bench.calibration if wquant == "gptq" else None)
+            ppl, _ = sim.perplexity(bench.segments, progress=False)
+            sim.handle.remove()
+            row = {"seed": seed, "wquant": wquant, "ppl": ppl}
+            write_json(cache, {"key": bench.key, "row": row})
+            log(f"  PPL {ppl:.3f}")
+            out.append(row)
+    return out
+
+
 def markdown_table(rows: list[dict], fp_ppl: float) -> str:
     head = ("| bits | mode | rank | weights | PPL | ΔPPL | train s | peak RSS MB | drift | online MACs/token |\n"
             "|:--|:--|--:|:--|--:|--:|--:|--:|--:|--:|")
@@ -289,10 +322,12 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
               "SpinQuant's recipe when GPTQ follows).")
 @click.option("--train-samples", default=64, show_default=True)
 @click.option("--gptq-per-rank", is_flag=True, help="Run GPTQ for every ReSpinQuant rank (slower).")
+@click.option("--noise-seeds", default=2, show_default=True,
+              help="Sign-flipped Hadamards evaluated at W4A4KV4 (RTN and GPTQ) to measure the noise floor.")
 @click.option("--train-one", default=None, hidden=True)
 @click.option("--settings", default=None, hidden=True)
 def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_seq_len, train_batch, train_samples,
-         train_rtn_weights, gptq_per_rank, train_one, settings):
+         train_rtn_weights, gptq_per_rank, noise_seeds, train_one, settings):
     if train_one:
         kind, *bits = train_one.split(":")
         train_child(kind, tuple(int(b) for b in bits), json.loads(settings))
@@ -305,13 +340,16 @@ def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_seq
     results = [bench.measure(r) for r in rows]
     all_cached = [read_json(WORK / "rows" / f"{r.slug}.json") for r in all_rows()]
     results = [c["row"] for c in all_cached if c is not None and c.get("key") == bench.key]
+    noise = noise_floor(bench, noise_seeds)
     data = {"fp_ppl": bench.fp_ppl, "tokens": bench.tokens, "rows": results, "settings": bench.key,
+            "noise_floor_w4a4kv4_hadamard_sign_flips": noise,
             "targets": targets(results, bench.fp_ppl),
             "command": "python benchmarks/rotation_quality.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "rotation_quality.json").write_text(json.dumps(data, indent=1))
     table = markdown_table(results, bench.fp_ppl)
-    (RESULTS / "rotation_quality.md").write_text(table + "\n\ntargets: " + json.dumps(data["targets"], indent=1) + "\n")
+    (RESULTS / "rotation_quality.md").write_text(table + "\n\ntargets: " + json.dumps(data["targets"], indent=1)
+                                                 + "\n\nnoise floor: " + json.dumps(noise) + "\n")
     print(table)
     print(json.dumps(data["targets"], indent=1))
 

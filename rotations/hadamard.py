@@ -262,6 +262,13 @@ def offline_rotation(n: int, seed: int = 0) -> OfflineRotation:
     return OfflineRotation(random_orthogonal(n, seed), "random", seed)
 
 
+def require_hadamard(n: int, use: str) -> None:
+    """Raise `HadamardSizeError` naming `use` and the nearest sizes when n has no construction
+    (online rotations cannot fall back to a random matrix: DESIGN §4.5)."""
+    if hadamard_factorization(n) is None:
+        raise _size_error(n, use=use)
+
+
 def walsh_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """Normalized Hadamard transform, last axis: equals ``x @ hadamard_matrix(n).T / sqrt(n)``.
 

@@ -26,7 +26,7 @@ from transformers.masking_utils import sdpa_mask
 
 from converter.arch import ModelShape, decoder_layers
 from converter.quantization.fake_quant import ActQuantSpec, quantize_dequantize
-from rotations.hadamard import hadamard_factorization, walsh_hadamard_transform
+from rotations.hadamard import require_hadamard, walsh_hadamard_transform
 from rotations.respin import SkipCorrection
 
 ATTN_IMPLEMENTATION = "respin_sim"
@@ -55,10 +55,8 @@ class SimQuantConfig:
 def check_online_sizes(shape: ModelShape, cfg: SimQuantConfig) -> None:
     """Online rotations need a real Hadamard of their size: refuse others by name (DESIGN §4.5)."""
     for use, n, on in (("R3 (head_dim)", shape.head_dim, cfg.r3), ("R4 (intermediate)", shape.intermediate, cfg.r4)):
-        if on and hadamard_factorization(n) is None:
-            from rotations.hadamard import _size_error
-
-            raise _size_error(n, use=f"online Hadamard {use}")
+        if on:
+            require_hadamard(n, use=f"online Hadamard {use}")
 
 
 @torch.no_grad()
