@@ -153,11 +153,9 @@ def drift(rotations) -> float:
 
 class Bench:
     def __init__(self, eval_tokens: int, ctx: int, calib_samples: int, settings: dict, gptq_per_rank: bool) -> None:
-        import torch
-
         from converter.data import CorpusConfig, calibration_batches, evaluation_tokens, load_corpus
         from converter.loading import load_model
-        from converter.parity import NLLAccumulator
+        from converter.parity import perplexity
 
         self.loaded = load_model(None)
         corpus = load_corpus(CorpusConfig())
@@ -169,10 +167,7 @@ class Bench:
         fp_cache = WORK / f"fp-{eval_tokens}-{ctx}.json"
         cached = read_json(fp_cache)
         if cached is None:
-            acc = NLLAccumulator()
-            with torch.no_grad():
-                for seg in self.segments:
-                    acc.add(self.loaded.model(input_ids=seg[None], use_cache=False).logits[0], seg)
+            acc = perplexity(self.loaded.model, self.segments)
             cached = {"fp_ppl": acc.ppl, "tokens": acc.n_pred}
             write_json(fp_cache, cached)
         self.fp_ppl, self.tokens = cached["fp_ppl"], cached["tokens"]
@@ -217,24 +212,26 @@ class Bench:
         return result
 
     def _build(self, row: Row, rotations, spec):
-        """GPTQ weights of respin rows come from the rank-full model unless --gptq-per-rank."""
-        from converter.simquant import build_simquant
-
-        calibration = self.calibration if row.wquant == "gptq" else None
-        if row.mode != "respin" or row.wquant != "gptq" or self.gptq_per_rank or row.rank == "full":
-            return build_simquant(self.loaded, rotations, spec, self.probe, calibration)
+        """GPTQ weights of respin rows come from the rank-full model (GPTQ'd once per bit setting, the
+        full row included) unless --gptq-per-rank."""
+        import hashlib
         from dataclasses import replace
 
         import torch
 
-        import hashlib
+        from converter.simquant import build_simquant
 
+        calibration = self.calibration if row.wquant == "gptq" else None
+        if row.mode != "respin" or row.wquant != "gptq" or self.gptq_per_rank:
+            return build_simquant(self.loaded, rotations, spec, self.probe, calibration)
         tag = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
         shared = WORK / "weights" / f"{row.bits}-respin-full-gptq-{tag}.pt"
         if not shared.exists():
             full = build_simquant(self.loaded, rotations, replace(spec, rank="full"), self.probe, calibration)
             shared.parent.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.detach().clone() for k, v in full.model.state_dict().items()}, shared)
+            if row.rank == "full":
+                return full
             full.handle.remove()
         sim = build_simquant(self.loaded, rotations, replace(spec, wbits=16), self.probe, None)
         sim.model.load_state_dict(torch.load(shared, weights_only=True))

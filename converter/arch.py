@@ -92,6 +92,12 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.model.layers
 
 
+def linear_param_name(layer: int, short: str, kind: str = "weight") -> str:
+    """transformers' parameter name of a decoder linear, e.g. (3, "o_proj") → model.layers.3.self_attn.o_proj.weight."""
+    part = "self_attn" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{part}.{short}.{kind}"
+
+
 def layer_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The seven linears of a decoder layer, keyed by their short names."""
     attn, mlp = layer.self_attn, layer.mlp

@@ -70,3 +70,15 @@ class NLLAccumulator:
     @property
     def ppl(self) -> float:
         return math.exp(self.nll / self.n_pred)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, segments: torch.Tensor, progress: str | None = None) -> NLLAccumulator:
+    """Perplexity of a torch causal LM over segments [n, seq], each scored from position 0.
+    progress: a tqdm description, or None for no bar."""
+    from tqdm.auto import tqdm
+
+    acc = NLLAccumulator()
+    for seg in tqdm(segments, desc=progress, unit="seg", disable=progress is None):
+        acc.add(model(input_ids=seg[None], use_cache=False).logits[0], seg)
+    return acc

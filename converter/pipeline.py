@@ -21,7 +21,7 @@ from converter.invariance import check_invariance, model_logits
 from converter.loading import LoadedModel, load_model
 from converter.quantization.calibrate import QuantConfig, QuantizedModel, load_quantized_weights, quantize_model
 from converter.report import Timings, peak_rss_mb, versions, write_json_atomic
-from converter.parity import NLLAccumulator
+from converter.parity import perplexity
 from converter.quantization.gptq import GPTQConfig
 from converter.quantization.grids import grid
 from converter.simquant import SimSpec, build_simquant, canonical_model, learn_rotations, model_macs_per_token
@@ -33,8 +33,6 @@ from rotations.training import TrainConfig
 logger = logging.getLogger(__name__)
 
 EXPORT_TARGETS = ("gguf", "rotations")
-# llama.cpp has no online ops: only rotations fully fused into the weights can go to GGUF.
-GGUF_ROTATIONS = ("none", "hadamard", "spinquant")
 
 
 @dataclass(frozen=True)
@@ -222,10 +220,7 @@ def simulate(cfg: ConvertConfig, loaded: LoadedModel, corpus, probe: torch.Tenso
         with timings.stage("validate"):
             segments = evaluation_tokens(loaded.tokenizer, corpus.evaluation, cfg.validation.ctx, cfg.validation.tokens)
             ppl, tokens = sim.perplexity(segments)
-            fp = NLLAccumulator()
-            with torch.no_grad():
-                for seg in segments:
-                    fp.add(loaded.model(input_ids=seg[None], use_cache=False).logits[0], seg)
+            fp = perplexity(loaded.model, segments)
             report["validation"] = {"tokens": tokens, "ctx": cfg.validation.ctx, "fp_ppl": fp.ppl, "sim_ppl": ppl}
     return _finish(report, timings)
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from converter.errors import RespinError
 from converter.invariance import InvarianceResult, check_invariance, model_logits
 from converter.loading import LoadedModel
-from converter.parity import NLLAccumulator
+from converter.parity import perplexity
 from converter.quantization.calibrate import FLOAT_WTYPE, QuantConfig, load_quantized_weights, quantize_model
 from converter.quantization.gptq import GPTQConfig
 from converter.quantization.grids import GridSpec, grid
@@ -81,11 +80,8 @@ class SimQuantModel:
     invariance: InvarianceResult
     correction_fp_err: float | None  # max |Δlogit| of the rank-r corrections vs exact, unquantized
 
-    @torch.no_grad()
     def perplexity(self, segments: torch.Tensor, progress: bool = True) -> tuple[float, int]:
-        acc = NLLAccumulator()
-        for seg in tqdm(segments, desc="sim-quant PPL", unit="seg", disable=not progress):
-            acc.add(self.model(input_ids=seg[None], use_cache=False).logits[0], seg)
+        acc = perplexity(self.model, segments, "sim-quant PPL" if progress else None)
         return acc.ppl, acc.n_pred
 
 

@@ -158,25 +158,17 @@ def attach_simquant(model: torch.nn.Module, cfg: SimQuantConfig,
 def _attach_skip_hooks(handle: SimQuantHandle, layer, skips: SkipCorrections, b_attn: int, b_mlp: int) -> None:
     """Residual = x T_a T_m on entry; o_proj output × T_m; each norm undoes its stream's factor."""
 
-    def forward_both(x):
-        for b in (b_attn, b_mlp):
-            c = skips.block(b)
-            x = x if c is None else c.apply(x)
-        return x
+    def through(blocks: tuple[int, ...], inverse: bool):
+        def apply(x):
+            for b in blocks:
+                c = skips.block(b)
+                if c is not None:
+                    x = c.apply_inverse(x) if inverse else c.apply(x)
+            return x
+        return apply
 
-    def inverse_both(x):
-        for b in (b_mlp, b_attn):
-            c = skips.block(b)
-            x = x if c is None else c.apply_inverse(x)
-        return x
-
-    def apply_mlp(x):
-        c = skips.block(b_mlp)
-        return x if c is None else c.apply(x)
-
-    def inverse_mlp(x):
-        c = skips.block(b_mlp)
-        return x if c is None else c.apply_inverse(x)
+    forward_both, inverse_both = through((b_attn, b_mlp), False), through((b_mlp, b_attn), True)
+    apply_mlp, inverse_mlp = through((b_mlp,), False), through((b_mlp,), True)
 
     def layer_in(_m, args, kwargs):
         if args:

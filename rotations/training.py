@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from converter.arch import ModelShape, decoder_layers
+from converter.arch import ModelShape, decoder_layers, linear_param_name
 from converter.errors import RespinError
 from converter.quantization.fake_quant import fake_quantize_weight
 from converter.quantization.grids import GridSpec
@@ -150,12 +150,6 @@ def train_rotations(model: torch.nn.Module, shape: ModelShape, calibration: torc
                      cfg.seed, {"R1": "learned", "R2": "learned" if cfg.learn_r2 else "hadamard"}, config)
 
 
-def _module_path(key: str) -> str:
-    short = key.split(".")[0]
-    part = "self_attn" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"{part}.{key}"
-
-
 def _batch(calibration: torch.Tensor, order: torch.Tensor, step: int, cfg: TrainConfig) -> torch.Tensor:
     n = calibration.shape[0]
     rows = [int(order[(step * cfg.batch_size + j) % n]) for j in range(cfg.batch_size)]
@@ -177,7 +171,7 @@ def _loss(model, ids, state: TrainState, canonical, shape, weight_spec, bases, s
         for key, w in fused.items():
             if weight_spec is not None and key.endswith(".weight"):
                 w = fake_quantize_weight(w, weight_spec)
-            weights[f"model.layers.{i}.{_module_path(key)}"] = w
+            weights[linear_param_name(i, *key.split("."))] = w
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = torch.func.functional_call(model, weights, (), {"input_ids": ids, "use_cache": False}).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from converter.arch import decoder_layers, layer_linears
+from converter.arch import decoder_layers, layer_linears, linear_param_name
 from converter.quantization.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from converter.quantization.grids import QuantizedTensor, grid
 from converter.quantization.rtn import rtn_quantize
@@ -90,7 +90,7 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, calibration: torch.
     if cfg.method == "rtn":
         for i, layer in enumerate(tqdm(decoder_layers(model), desc="RTN", unit="layer")):
             for short, linear in layer_linears(layer).items():
-                tensors[_param_name(i, short)] = rtn_quantize(linear.weight.detach().float(), spec, cfg.rtn_clip_search)
+                tensors[linear_param_name(i, short)] = rtn_quantize(linear.weight.detach().float(), spec, cfg.rtn_clip_search)
         tensors["lm_head.weight"] = rtn_quantize(model.lm_head.weight.detach().float(), head_spec,
                                                  _clip_head(cfg, head_spec))
         return QuantizedModel(tensors, cfg, 0)
@@ -99,7 +99,7 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, calibration: torch.
     hidden, layer_kwargs = _capture_layer0_inputs(model, calibration, cfg.batch_size)
     for i, layer in enumerate(tqdm(decoder_layers(model), desc="GPTQ", unit="layer")):
         layer_q = _gptq_layer(layer, hidden, layer_kwargs, spec, cfg.gptq)
-        tensors.update({_param_name(i, short): qt for short, qt in layer_q.items()})
+        tensors.update({linear_param_name(i, short): qt for short, qt in layer_q.items()})
         with _weights_swapped(layer_linears(layer), {s: qt.dequantize() for s, qt in layer_q.items()}):
             hidden = [layer(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
     head = model.lm_head.weight.detach().float()
@@ -116,11 +116,6 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, calibration: torch.
 
 def _clip_head(cfg: QuantConfig, head_spec) -> bool:
     return cfg.rtn_clip_search and head_spec.bits < HEAD_RTN_MIN_BITS
-
-
-def _param_name(layer: int, short: str) -> str:
-    part = "self_attn" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"model.layers.{layer}.{part}.{short}.weight"
 
 
 class _StopForward(Exception):
