@@ -274,12 +274,23 @@ def walsh_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
 
     ``x`` [..., n] floating point → same shape and dtype. In column-vector terms each row becomes
     ``H x / sqrt(n)``. ``H`` is not symmetric when its core is Paley I (e.g. n = 12, 28, 1536), so
-    there this is *not* ``x @ H``; its inverse is ``y @ H / sqrt(n)``. Cost O(n log n + n m): an H_m
+    there this is *not* ``x @ H``; its inverse is `hadamard_transform`. Cost O(n log n + n m): an H_m
     matmul on [..., 2^k, m], then a butterfly over the 2^k axis. Raises `HadamardSizeError` for an
     n with no construction.
     """
+    return _fast_hadamard(x, transpose=True)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """``x @ hadamard_matrix(n) / sqrt(n)`` along the last axis: the ONNX `respin::Hadamard` op
+    (DESIGN §6) and the online R3/R4 of the simulated-quant model; inverse of
+    `walsh_hadamard_transform`."""
+    return _fast_hadamard(x, transpose=False)
+
+
+def _fast_hadamard(x: torch.Tensor, transpose: bool) -> torch.Tensor:
     if not x.is_floating_point():
-        raise TypeError(f"walsh_hadamard_transform needs a floating-point tensor, got {x.dtype}")
+        raise TypeError(f"a Hadamard transform needs a floating-point tensor, got {x.dtype}")
     n = x.shape[-1]
     factors = hadamard_factorization(n)
     if factors is None:
@@ -289,8 +300,9 @@ def walsh_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     y = x.reshape(*lead, pow2, m)
     if m > 1:
         # With X = x viewed as [2^k, m] (row-major), (H_{2^k} ⊗ H_m) vec(X) = vec(H_{2^k} X H_mᵀ):
-        # H_mᵀ on the right here, H_{2^k} on the left by the butterfly below.
-        y = y @ _core_hadamard(m).to(device=x.device, dtype=x.dtype).T
+        # H_m(ᵀ) on the right here, H_{2^k} (symmetric) on the left by the butterfly below.
+        core = _core_hadamard(m).to(device=x.device, dtype=x.dtype)
+        y = y @ (core.T if transpose else core)
     h = 1
     while h < pow2:  # Sylvester butterfly: one H_2 per bit of the 2^k index
         y = y.reshape(*lead, pow2 // (2 * h), 2, h, m)

@@ -11,8 +11,8 @@ online in a W4A4KV4 runtime (no forked modeling file).
   multiplied by T_attn T_mlp, the attention output by T_mlp, and each RMSNorm input by the inverse
   of what its stream was multiplied with (RMSNorm sees exactly the stream of the deployed model).
 
-Online transforms use `walsh_hadamard_transform` (x ↦ x Hᵀ/√n); the fused weight is the same
-transform of W's rows, so `x' W'ᵀ = x Hᵀ H Wᵀ / n = x Wᵀ`.
+Online transforms use `hadamard_transform` (x ↦ x H/√n, the ONNX `respin::Hadamard` op); the fused
+weight is the same transform of W's rows, so `x' W'ᵀ = x H Hᵀ Wᵀ / n = x Wᵀ`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers.masking_utils import sdpa_mask
 
 from converter.arch import ModelShape, decoder_layers
 from converter.quantization.fake_quant import ActQuantSpec, quantize_dequantize
-from rotations.hadamard import require_hadamard, walsh_hadamard_transform
+from rotations.hadamard import require_hadamard, hadamard_transform
 from rotations.respin import SkipCorrection
 
 ATTN_IMPLEMENTATION = "respin_sim"
@@ -61,17 +61,17 @@ def check_online_sizes(shape: ModelShape, cfg: SimQuantConfig) -> None:
 
 @torch.no_grad()
 def fuse_r4(model: torch.nn.Module) -> None:
-    """W_down ← W_down Hᵀ/√n (rows transformed), the offline half of R4; in place, model dtype."""
+    """W_down ← W_down H/√n (rows transformed), the offline half of R4; in place, model dtype."""
     for layer in decoder_layers(model):
         down = layer.mlp.down_proj
-        down.weight.copy_(walsh_hadamard_transform(down.weight))
+        down.weight.copy_(hadamard_transform(down.weight))
 
 
 def _sim_attention(module, query, key, value, attention_mask, **kwargs):
     spec: _AttentionSim | None = getattr(module, "_respin_sim", None)
     if spec is not None:
         if spec.r3:
-            query, key = walsh_hadamard_transform(query), walsh_hadamard_transform(key)
+            query, key = hadamard_transform(query), hadamard_transform(key)
         key, value = quantize_dequantize(key, spec.kv), quantize_dequantize(value, spec.kv)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -138,7 +138,7 @@ def attach_simquant(model: torch.nn.Module, cfg: SimQuantConfig,
         return (quantize_dequantize(args[0], act), *args[1:])
 
     def rotate_quant_input(_m, args):
-        return (quantize_dequantize(walsh_hadamard_transform(args[0]), act), *args[1:])
+        return (quantize_dequantize(hadamard_transform(args[0]), act), *args[1:])
 
     for i, layer in enumerate(decoder_layers(model)):
         attn, mlp = layer.self_attn, layer.mlp
