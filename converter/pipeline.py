@@ -32,7 +32,7 @@ from rotations.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-EXPORT_TARGETS = ("gguf", "rotations")
+EXPORT_TARGETS = ("gguf", "onnx", "rotations")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class ConvertConfig:
                               "(llama.cpp's KV cache type is --kv-type)")
         if self.calib_samples < 1 or self.calib_seq_len < 2 or self.train_samples < 1:
             raise RespinError("calibration needs at least 1 sample of at least 2 tokens")
+        if self.to == "onnx" and Path(self.output).suffix in (".onnx", ".gguf", ".safetensors"):
+            raise RespinError(f"--to onnx writes a directory (model.onnx, its weights, tokenizer, genai_config.json): "
+                              f"give a directory, not {Path(self.output).name}")
         if self.to == "rotations" and Path(self.output).suffix != ".safetensors":
             raise RespinError(f"--to rotations writes a .safetensors rotations file (got {Path(self.output).name})")
         if self.resume and (self.checkpoint is None or not Path(self.checkpoint).is_file()):
@@ -79,7 +82,11 @@ class ConvertConfig:
             raise RespinError("--resume continues training; --rotations re-applies finished rotations: pick one")
 
 
-def check_output(path: Path, force: bool) -> None:
+def check_output(path: Path, force: bool, directory: bool = False) -> None:
+    if directory:
+        from converter.onnx_folder import check_output_dir
+
+        return check_output_dir(path, force)
     if path.exists() and not force:
         raise RespinError(f"output {path} exists: pass --force to overwrite")
     if path.is_dir():
@@ -87,8 +94,10 @@ def check_output(path: Path, force: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def rotations_artefact_path(output: Path) -> Path:
+def rotations_artefact_path(output: Path, directory: bool = False) -> Path:
     """Where learned rotations are saved next to an export (the output itself for --to rotations)."""
+    if directory:  # beside the ONNX folder, which is replaced as a whole
+        return output.parent / f"{output.name}.rotations.safetensors"
     return output if output.suffix == ".safetensors" else output.with_suffix(".rotations.safetensors")
 
 
@@ -119,7 +128,7 @@ def rotate_model(loaded: LoadedModel, rotations: Rotations | None) -> torch.nn.M
 def convert(cfg: ConvertConfig) -> dict:
     """Run the conversion; returns the report (also written by the CLI with --report)."""
     output = Path(cfg.output)
-    check_output(output, cfg.force)
+    check_output(output, cfg.force, directory=cfg.to == "onnx")
     timings = Timings()
     with timings.stage("load"):
         loaded = load_model(cfg.model)
@@ -128,6 +137,10 @@ def convert(cfg: ConvertConfig) -> dict:
         probe = evaluation_tokens(loaded.tokenizer, corpus.calibration, cfg.probe_tokens, cfg.probe_tokens)
     if cfg.to == "rotations":
         return simulate(cfg, loaded, corpus, probe, timings)
+    if cfg.to == "onnx":
+        from converter.pipeline_onnx import export_onnx
+
+        return _finish(export_onnx(cfg, loaded, corpus, probe, timings), timings)
     # GGUF is weight-only and llama.cpp has no online R3/R4: rotations are trained for W-RTN on the file's grid
     online = SimQuantConfig.from_bits(16, 16, r3=False, r4=False)
     rotations = obtain_rotations(cfg, loaded, corpus, online, grid(cfg.quant.wtype) if cfg.quant.quantizes else None,

@@ -19,7 +19,8 @@ from converter.errors import RespinError
 from converter.invariance import InvarianceResult, check_invariance, model_logits
 from converter.loading import LoadedModel
 from converter.parity import perplexity
-from converter.quantization.calibrate import FLOAT_WTYPE, QuantConfig, load_quantized_weights, quantize_model
+from converter.quantization.calibrate import (FLOAT_WTYPE, QuantConfig, QuantizedModel, load_quantized_weights,
+                                              quantize_model)
 from converter.quantization.gptq import GPTQConfig
 from converter.quantization.grids import GridSpec, grid
 from rotations.fusion import apply_rotations, fold_norms
@@ -45,6 +46,7 @@ class SimSpec:
     rank: int | str = 32  # ReSpinQuant skip-correction rank ("full": exact transitions)
     r3: bool = True
     r4: bool = True
+    wgrid: str = ""  # weight grid name ("": per-channel symmetric int{wbits}, what integer W·A kernels need)
 
     def __post_init__(self) -> None:
         if not (2 <= self.wbits <= 8 or self.wbits == FLOAT_BITS):
@@ -56,7 +58,9 @@ class SimSpec:
 
     @property
     def wtype(self) -> str:
-        return FLOAT_WTYPE if self.wbits == FLOAT_BITS else f"int{self.wbits}"
+        if self.wbits == FLOAT_BITS:
+            return FLOAT_WTYPE
+        return self.wgrid or f"int{self.wbits}"
 
     def online(self, quantize: bool = True) -> SimQuantConfig:
         if not quantize:
@@ -68,7 +72,8 @@ class SimSpec:
 
     def describe(self) -> dict:
         return {"wbits": self.wbits, "abits": self.abits, "kvbits": self.kvbits, "a_clip": self.a_clip,
-                "wquant": self.wquant, "rank": self.rank, "r3": self.r3, "r4": self.r4}
+                "wquant": self.wquant, "rank": self.rank, "r3": self.r3, "r4": self.r4,
+                "wgrid": self.wtype}
 
 
 @dataclass
@@ -79,6 +84,8 @@ class SimQuantModel:
     online_macs_per_token: int  # skip corrections only (R3/R4 Hadamards are O(n log n))
     invariance: InvarianceResult
     correction_fp_err: float | None  # max |Δlogit| of the rank-r corrections vs exact, unquantized
+    qmodel: QuantizedModel | None = None  # the exact codes + scales (None: weights not quantized)
+    corrections: list | None = None  # the rank-r skip corrections, one per block (None: one residual basis)
 
     def perplexity(self, segments: torch.Tensor, progress: bool = True) -> tuple[float, int]:
         acc = perplexity(self.model, segments, "sim-quant PPL" if progress else None)
@@ -131,13 +138,15 @@ def build_simquant(loaded: LoadedModel, rotations: Rotations | None, spec: SimSp
         logger.info("rank-%d skip corrections change the FP logits by max %.3g", rank, fp_err)
     corrections = _corrections(rotations, rank, exact=False)
     quant = QuantConfig(method=spec.wquant, wtype=spec.wtype, gptq=gptq)
+    qmodel = None
     if quant.quantizes:
         with attach_simquant(model, spec.online(False), corrections):
             qmodel = quantize_model(model, quant, calibration if quant.needs_calibration else None)
         load_quantized_weights(model, qmodel)
     macs = 0 if corrections is None else online_macs_per_token(corrections.corrections)
     handle = attach_simquant(model, spec.online(), corrections)
-    return SimQuantModel(model, handle, rank, macs, invariance, fp_err)
+    return SimQuantModel(model, handle, rank, macs, invariance, fp_err, qmodel,
+                         None if corrections is None else corrections.corrections)
 
 
 def model_macs_per_token(loaded: LoadedModel) -> int:
