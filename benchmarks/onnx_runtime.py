@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""onnxruntime benchmark on SmolLM2 (CPU, 2 threads): FP32, onnxruntime's own int4 quantizer,
+our W4A16 (MatMulNBits, Hadamard-rotated + GPTQ), W4A4KV4 (ReSpinQuant) with function bodies and
+with our kernels — prefill and decode speed, peak RSS, file size, perplexity and parity — and the
+online-op overhead (the same W4A4 model with its Hadamard/ResidualCorrection nodes removed).
+
+Exports are made with the CLI (`respin-export --to onnx … --eval --report`, whose parity section
+is the torch ↔ onnxruntime comparison) and cached in benchmarks/work/onnx_runtime/; every timing runs
+in its own child process so its peak RSS is its own.
+Results: benchmarks/results/onnx_runtime.{json,md}.
+
+    python benchmarks/onnx_runtime.py            # everything (about 40 min on 2 cores with cached rotations)
+    python benchmarks/onnx_runtime.py --time DIR --kernels on   # one timing (used internally)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+WORK = HERE / "work" / "onnx_runtime"
+RESULTS = HERE / "results"
+THREADS = 2
+PROMPT_TOKENS = 512
+NEW_TOKENS = 128
+EVAL_TOKENS = 4096
+LEARNED_RESPIN = HERE / "work" / "rotation_quality" / "rotations" / "respin-W4A4KV4.safetensors"
+
+EXPORTS = {  # folder → CLI arguments
+    "fp32": ["--rotate", "none", "--wbits", "16"],
+    "w4a16": ["--rotate", "hadamard", "--wbits", "4", "--abits", "16"],
+    "w4a4kv4": ["--rotate", "respin", "--wbits", "4", "--abits", "4", "--kvbits", "4"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def export(name: str) -> dict:
+    """Export (once) and return the CLI's report."""
+    folder, report = WORK / name, WORK / f"{name}.report.json"
+    if report.is_file() and (folder / "model.onnx").is_file():
+        return json.loads(report.read_text())
+    args = list(EXPORTS[name])
+    if name == "w4a4kv4" and LEARNED_RESPIN.is_file():
+        args += ["--rotations", str(LEARNED_RESPIN)]  # trained by benchmarks/rotation_quality.py
+    log(f"exporting {name}: respin-export --to onnx {' '.join(args)}")
+    cmd = [sys.executable, "-m", "converter.cli", "--to", "onnx", *args, "-o", str(folder), "--force", "--eval",
+           "--eval-tokens", str(EVAL_TOKENS), "--report", str(report)]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return json.loads(report.read_text())
+
+
+def ort_int4(fp32: Path) -> Path:
+    """onnxruntime's MatMulNBits quantizer (block 32, symmetric) applied to our FP32 export."""
+    out = WORK / "ort_int4"
+    if (out / "model.onnx").is_file():
+        return out
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    log("quantizing the FP32 export with onnxruntime's MatMulNBitsQuantizer (block 32)")
+    tmp = WORK / "ort_int4.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(fp32, tmp, ignore=shutil.ignore_patterns("model.onnx*"))
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), block_size=32, is_symmetric=True)
+    quantizer.process()
+    onnx.save_model(quantizer.model.model, str(tmp / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data")
+    tmp.rename(out)
+    return out
+
+
+def strip_online_ops(folder: Path) -> Path:
+    """The same model with Hadamard and ResidualCorrection nodes replaced by Identity (timing only)."""
+    import onnx
+    from onnx import helper
+
+    out = WORK / f"{folder.name}-no-online"
+    if (out / "model.onnx").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    nodes = []
+    for node in model.graph.node:
+        if node.domain == "respin" and node.op_type in ("Hadamard", "ResidualCorrection"):
+            node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save_model(model, str(out / "model.onnx"))
+    data = out / "model.onnx.data"
+    if not data.exists():
+        data.symlink_to((folder / "model.onnx.data").resolve())
+    return out
+
+
+def timing(folder: Path, kernels: bool) -> dict:
+    """Run `--time` in a child process: prefill tok/s, decode tok/s, peak RSS."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--time", str(folder), "--kernels", "on" if kernels else "off"]
+    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(folder: Path, kernels: bool) -> dict:
+    from converter.onnx_runtime import OnnxDecoder
+
+    decoder = OnnxDecoder(folder, use_kernels=kernels, threads=THREADS)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, 40000, (1, PROMPT_TOKENS))
+    decoder.step(prompt[:, :16], decoder.empty_cache(1), 0)  # warm-up
+    start = time.perf_counter()
+    logits, past = decoder.step(prompt, decoder.empty_cache(1), 0)
+    prefill = time.perf_counter() - start
+    token, length = int(logits[0, -1].argmax()), PROMPT_TOKENS
+    start = time.perf_counter()
+    for _ in range(NEW_TOKENS):
+        logits, past = decoder.step(np.asarray([[token]]), past, length)
+        token, length = int(logits[0, -1].argmax()), length + 1
+    decode = time.perf_counter() - start
+    return {"prefill_tok_s": PROMPT_TOKENS / prefill, "decode_tok_s": NEW_TOKENS / decode,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def file_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
+
+
+def ort_int4_quality(folder: Path, reference: Path) -> dict:
+    """PPL and parity of the onnxruntime-quantized model against our FP32 export (= the torch FP model
+    within its measured parity) on the same evaluation segments as the CLI's --eval."""
+    import torch
+
+    from converter.data import CorpusConfig, evaluation_tokens, load_corpus
+    from converter.onnx_runtime import OnnxDecoder
+    from converter.parity import ParityAccumulator
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reference))
+    segments = evaluation_tokens(tokenizer, load_corpus(CorpusConfig()).evaluation, 512, EVAL_TOKENS)
+    ref, run = OnnxDecoder(reference, threads=THREADS), OnnxDecoder(folder, threads=THREADS)
+    acc = ParityAccumulator()
+    for seg in segments:
+        ids = seg[None].numpy()
+        acc.add(torch.from_numpy(ref.logits(ids)[0]), torch.from_numpy(run.logits(ids)[0]), seg)
+    return acc.result().describe()
+
+
+def row(variant: str, folder: Path, kernels: bool, parity: dict) -> dict:
+    log(f"timing {variant}")
+    t = timing(folder, kernels)
+    return {"variant": variant, **{k: round(v, 2) for k, v in t.items()}, "file_mb": round(file_mb(folder), 1),
+            "ppl": parity["ppl_runtime"], "top1_agreement": parity["top1_agreement"],
+            "max_abs_logit_err": parity["max_abs_logit_err"], "parity_reference": parity.get("reference", "")}
+
+
+def run_all() -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    reports = {name: export(name) for name in EXPORTS}
+    rows = []
+    fp = reports["fp32"]["validation"]["parity"]["functions"]
+    rows.append(row("fp32", WORK / "fp32", False, {**fp, "reference": "torch FP"}))
+    int4 = ort_int4(WORK / "fp32")
+    rows.append(row("ort-int4-block32", int4, False, {**ort_int4_quality(int4, WORK / "fp32"),
+                                                     "reference": "our FP32 ONNX"}))
+    w4a16 = reports["w4a16"]["validation"]["parity"]["functions"]
+    rows.append(row("w4a16-matmulnbits", WORK / "w4a16", False, {**w4a16, "reference": "torch W4A16"}))
+    parity = reports["w4a4kv4"]["validation"]["parity"]
+    rows.append(row("w4a4kv4-functions", WORK / "w4a4kv4", False, {**parity["functions"],
+                                                                   "reference": "torch simulated W4A4KV4"}))
+    if "kernels" in parity:
+        rows.append(row("w4a4kv4-kernels", WORK / "w4a4kv4", True, {**parity["kernels"],
+                                                                    "reference": "torch simulated W4A4KV4"}))
+    stripped = timing(strip_online_ops(WORK / "w4a4kv4"), kernels="kernels" in parity)
+    with_online = next(r for r in reversed(rows) if r["variant"].startswith("w4a4kv4"))
+    overhead = stripped["decode_tok_s"] / with_online["decode_tok_s"] - 1  # decode time ratio − 1
+    return {"online_overhead": round(overhead, 4), "online_overhead_runtime": with_online["variant"],
+            "threads": THREADS, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+            "eval_tokens": EVAL_TOKENS, "fp_ppl": reports["w4a16"]["validation"].get("fp_ppl"),
+            "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"SmolLM2-135M, onnxruntime CPU, {result['threads']} threads; prefill = one {result['prompt_tokens']}-token "
+             f"prompt, decode = {result['new_tokens']} greedy tokens with the KV cache; PPL on {result['eval_tokens']} "
+             f"evaluation tokens (ctx 512; torch FP {result['fp_ppl']:.3f}); parity vs the reference named.", "",
+             "| variant | prefill tok/s | decode tok/s | peak RSS MB | file MB | PPL | top-1 | max abs Δlogit | parity reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['file_mb']:.1f} | {r['ppl']:.3f} | {r['top1_agreement'] * 100:.2f}% | "
+                     f"{r['max_abs_logit_err']:.2e} | {r['parity_reference']} |")
+    lines += ["", f"Online-op overhead (R3/R4 Hadamards + ResidualCorrection, {result['online_overhead_runtime']}): "
+              f"{result['online_overhead'] * 100:+.1f}% decode time."]
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--time", "time_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--kernels", type=click.Choice(["on", "off"]), default="off")
+def main(time_dir, kernels):
+    if time_dir is not None:
+        print(json.dumps(measure(time_dir, kernels == "on")))
+        return
+    result = run_all()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "onnx_runtime.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "onnx_runtime.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    main()
