@@ -71,6 +71,9 @@ def _print_onnx_validation(v: dict) -> None:
     for name, p in v["parity"].items():
         click.echo(f"  onnxruntime {name:<10} PPL {p['ppl_runtime']:8.3f}  top-1 {p['top1_agreement'] * 100:6.2f}%  "
                    f"max|Δlogit| {p['max_abs_logit_err']:.2e}  PPL diff {p['ppl_rel_diff'] * 100:+.3f}%")
+    p = v["noise_floor"]
+    click.echo(f"  {'torch itself, 1-ulp input nudge':<22} {'':13} top-1 {p['top1_agreement'] * 100:6.2f}%  "
+               f"max|Δlogit| {p['max_abs_logit_err']:.2e}  (noise floor of the comparison)")
     if v.get("kernels"):
         click.echo(f"  ({v['kernels']})")
 
@@ -99,6 +102,9 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--kvbits", default=None, type=int,
               help="KV-cache bits (per token and head, asymmetric; ONNX stores the cache as 4/8-bit codes) "
                    "[default: 4 for --to rotations, 16 for --to onnx; GGUF: 16 only].")
+@click.option("--group-size", default=32, show_default=True,
+              help="--to onnx with --abits 16: MatMulNBits block size (16, 32, 64, 128, 256; a last block "
+                   "shorter than the rest is padded).")
 @click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
 @click.option("--train-steps", default=32, show_default=True, help="spinquant/respin: Cayley SGD steps.")
 @click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
@@ -186,8 +192,14 @@ def _convert(o: dict):
                         gptq=GPTQConfig(percdamp=o["damp"], act_order=o["act_order"], clip_search=clip_search))
     validation = ValidationConfig(tokens=o["eval_tokens"], ctx=o["eval_ctx"], kv_type=kv_type) if evaluate else None
     low_bits = 4 if target == "rotations" else 16  # ONNX: W4A16 unless asked
-    sim = SimSpec(wbits=o["wbits"], abits=o["abits"] or low_bits, kvbits=o["kvbits"] or low_bits, a_clip=o["a_clip"],
-                  wquant=method, rank=o["rank"])
+    abits = o["abits"] or low_bits
+    wgrid = ""
+    if target == "onnx" and abits == 16 and o["group_size"] != 32:
+        if o["group_size"] not in (16, 32, 64, 128, 256):
+            raise RespinError(f"--group-size must be 16, 32, 64, 128 or 256 (got {o['group_size']})")
+        wgrid = f"{'q4_0' if o['wbits'] <= 4 else 'q8_0'}_g{o['group_size']}"
+    sim = SimSpec(wbits=o["wbits"], abits=abits, kvbits=o["kvbits"] or low_bits, a_clip=o["a_clip"],
+                  wquant=method, rank=o["rank"], wgrid=wgrid)
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
                         lr=o["train_lr"], batch_size=o["train_batch"], seq_len=o["train_seq_len"],
                         checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method),

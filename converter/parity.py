@@ -97,3 +97,24 @@ def runtime_parity(reference: torch.nn.Module, runtimes: dict, segments: torch.T
         for name, runtime in runtimes.items():
             accs[name].add(ref, torch.from_numpy(runtime.logits(seg[None].numpy())[0]), seg)
     return {name: acc.result() for name, acc in accs.items()}
+
+
+@torch.no_grad()
+def noise_floor(model: torch.nn.Module, segments: torch.Tensor, progress: str | None = None) -> ParityResult:
+    """Parity of `model` against itself with its token embeddings nudged by one float32 ulp: the
+    agreement no second float32 implementation can be expected to beat (a low-bit model whose
+    activations are re-quantized every layer amplifies such differences)."""
+    from tqdm.auto import tqdm
+
+    from converter.llamacpp_emulation import perturb_embeddings_one_ulp
+
+    acc = ParityAccumulator()
+    for seg in tqdm(segments, desc=progress, unit="seg", disable=progress is None):
+        reference = model(input_ids=seg[None], use_cache=False).logits[0]
+        handle = perturb_embeddings_one_ulp(model)
+        try:
+            nudged = model(input_ids=seg[None], use_cache=False).logits[0]
+        finally:
+            handle.remove()
+        acc.add(reference, nudged, seg)
+    return acc.result()

@@ -15,7 +15,7 @@ from converter.errors import RespinError
 from converter.export_onnx import OnnxGraphConfig
 from converter.loading import LoadedModel
 from converter.onnx_folder import write_onnx_folder
-from converter.parity import perplexity, runtime_parity
+from converter.parity import noise_floor, perplexity, runtime_parity
 from converter.quantization.gptq import GPTQConfig
 from converter.report import Timings
 from converter.simquant import SimSpec, build_simquant, model_macs_per_token
@@ -23,7 +23,8 @@ from rotations.rotations import LEARNED_KINDS
 
 logger = logging.getLogger(__name__)
 
-# W4A16 weights: MatMulNBits blocks on a symmetric grid (Q4_0's, fp16 scales: the GGUF grid too)
+# W4A16 weights: MatMulNBits blocks on a symmetric grid (Q4_0's, fp16 scales: the GGUF grid too;
+# --group-size picks "q4_0_g64" etc.)
 A16_WEIGHT_GRID = {4: "q4_0", 8: "q8_0"}
 
 
@@ -33,7 +34,7 @@ def onnx_sim_spec(spec: SimSpec) -> SimSpec:
     if spec.abits == 16:
         if spec.wbits not in A16_WEIGHT_GRID and spec.wbits != 16:
             raise RespinError(f"--to onnx with --abits 16 supports --wbits 4, 8 or 16 (got {spec.wbits})")
-        return replace(spec, wgrid=A16_WEIGHT_GRID.get(spec.wbits, ""), r4=False, r3=spec.kvbits < 16)
+        return replace(spec, wgrid=spec.wgrid or A16_WEIGHT_GRID.get(spec.wbits, ""), r4=False, r3=spec.kvbits < 16)
     if spec.wbits > 8:
         raise RespinError("--to onnx with low-bit activations needs --wbits 2..8 (integer GEMM)")
     return spec
@@ -103,7 +104,9 @@ def validate_onnx(folder: Path, reference: torch.nn.Module, fp_model: torch.nn.M
     parity = runtime_parity(reference, runtimes, segments, "ONNX parity")
     result = {"tokens": int(segments.numel()), "ctx": int(segments.shape[1]),
               "reference_ppl": parity["functions"].ppl_reference,
-              "parity": {name: p.describe() for name, p in parity.items()}}
+              "parity": {name: p.describe() for name, p in parity.items()},
+              # what a 1-ulp change of the input does to the torch model itself
+              "noise_floor": noise_floor(reference, segments, "noise floor").describe()}
     if fp_model is not None:
         result["fp_ppl"] = perplexity(fp_model, segments).ppl
     if kernels_note:

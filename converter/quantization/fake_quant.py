@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from converter.errors import RespinError
-from converter.quantization.grids import GridSpec, dequantize_codes, fit_group_params, quantize_with_params
+from converter.quantization.grids import GridSpec
 
 FLOAT_BITS = 16  # "16 bits": not quantized
 
@@ -78,12 +78,8 @@ def quantize_dequantize(x: torch.Tensor, spec: ActQuantSpec) -> torch.Tensor:
 
 def fake_quantize_weight(w: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     """Round-to-nearest of w [out, in] onto `spec` (no clip search), straight-through gradient."""
-    out, n_in = w.shape
-    gs = spec.group_for(n_in)
+    from converter.quantization.rtn import rtn_quantize
+
     with torch.no_grad():
-        groups = w.detach().float().reshape(out * (n_in // gs), gs)
-        d, m = fit_group_params(groups, spec)
-        d, m = d[:, None], None if m is None else m[:, None]
-        w_hat = dequantize_codes(quantize_with_params(groups, d, m, spec), d, m, spec)
-        w_hat = w_hat.reshape(out, n_in).to(w.dtype)
+        w_hat = rtn_quantize(w.detach().float(), spec).dequantize().to(w.dtype)
     return _straight_through(w, w_hat)

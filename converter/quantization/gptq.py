@@ -98,9 +98,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
     gs = spec.group_for(n_in)
     # Groups wider than a lazy block (per-channel grids) are fitted up front, like act-order's.
     static_groups = cfg.act_order or gs > cfg.block_size
-    if n_in % gs or (not static_groups and cfg.block_size % gs):
-        raise QuantizationError(f"GPTQ on {spec.name}: input dim {n_in} and block_size {cfg.block_size} "
-                                f"must be multiples of group_size {gs}")
+    if not static_groups and cfg.block_size % gs:
+        raise QuantizationError(f"GPTQ on {spec.name}: block_size {cfg.block_size} must be a multiple of "
+                                f"group_size {gs}")
     if tuple(H.shape) != (n_in, n_in):
         raise QuantizationError(f"GPTQ: Hessian {tuple(H.shape)} does not match weight {tuple(w.shape)}")
     W = w.detach().to(torch.float64).clone()
@@ -112,7 +112,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    n_groups = n_in // gs
+    n_groups = -(-n_in // gs)  # the last group may be shorter (MatMulNBits pads it)
     scale = torch.zeros(out, n_groups, dtype=torch.float32, device=W.device)
     offset = None if spec.symmetric else torch.zeros_like(scale)
 

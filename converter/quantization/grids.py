@@ -8,7 +8,7 @@ scale we store, and dequantized in the same operation order as `gguf.quants` / g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,6 +53,10 @@ class GridSpec:
         """Columns per group for a weight with `n_in` inputs."""
         return self.group_size or n_in
 
+    def n_groups(self, n_in: int) -> int:
+        """Groups per row; when group_size does not divide n_in the last group is shorter."""
+        return -(-n_in // self.group_for(n_in))
+
     @property
     def qmin(self) -> int:
         return self.zero_point - 2 ** (self.bits - 1) if self.symmetric else 0
@@ -73,10 +77,14 @@ GRIDS: dict[str, GridSpec] = {
 
 
 def grid(name: str) -> GridSpec:
-    """The registered grid called `name` (case-insensitive), or "int2" … "int8": per-channel symmetric."""
+    """The registered grid called `name` (case-insensitive), or "int2" … "int8": per-channel symmetric;
+    a suffix "_g<N>" changes the group size (e.g. "q4_0_g128": Q4_0's grid in groups of 128)."""
     name = name.lower()
     if name in GRIDS:
         return GRIDS[name]
+    base, _, size = name.rpartition("_g")
+    if base in GRIDS and size.isdigit() and int(size) > 0:
+        return replace(GRIDS[base], name=name, group_size=int(size))
     if len(name) == 4 and name.startswith("int") and name[3] in "2345678":
         return int_grid(int(name[3]))
     raise QuantizationError(f"unknown weight grid '{name}'; supported: {', '.join(GRIDS)}, int2 … int8")
@@ -107,7 +115,7 @@ class QuantizedTensor:
     def __post_init__(self) -> None:
         out, n_in = self.codes.shape
         gs = self.spec.group_for(n_in)
-        if n_in % gs or tuple(self.scale.shape) != (out, n_in // gs):
+        if tuple(self.scale.shape) != (out, self.spec.n_groups(n_in)):
             raise QuantizationError(f"{self.spec.name}: codes {tuple(self.codes.shape)} and scale "
                                     f"{tuple(self.scale.shape)} do not match group_size {gs}")
         if (self.offset is None) != self.spec.symmetric:
@@ -119,9 +127,10 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in]; bit-exact with `gguf.quants.dequantize` of the packed blocks."""
-        gs = self.spec.group_for(self.codes.shape[1])
-        offset = None if self.offset is None else self.offset.repeat_interleave(gs, dim=1)
-        return dequantize_codes(self.codes, self.scale.repeat_interleave(gs, dim=1), offset, self.spec)
+        n_in = self.codes.shape[1]
+        gs = self.spec.group_for(n_in)
+        offset = None if self.offset is None else self.offset.repeat_interleave(gs, dim=1)[:, :n_in]
+        return dequantize_codes(self.codes, self.scale.repeat_interleave(gs, dim=1)[:, :n_in], offset, self.spec)
 
 
 def _round_half_away(u: torch.Tensor) -> torch.Tensor:

@@ -9,18 +9,26 @@ from converter.quantization.grids import (GridSpec, QuantizationError, Quantized
 
 
 def rtn_quantize(w: torch.Tensor, spec: GridSpec, clip_search: bool = False) -> QuantizedTensor:
-    """Quantize w [out, in] in groups of `spec.group_size` consecutive input columns.
+    """Quantize w [out, in] in groups of `spec.group_size` consecutive input columns (a last group
+    shorter when the group size does not divide `in`).
 
     Without clip search the codes equal llama.cpp's reference quantizer on the fp16 scales it stores.
     """
-    if w.dim() != 2 or w.shape[1] % spec.group_for(w.shape[1]):
-        raise QuantizationError(f"{spec.name}: need a 2-D weight whose input dim is a multiple of "
-                                f"{spec.group_size} (got {tuple(w.shape)})")
+    if w.dim() != 2:
+        raise QuantizationError(f"{spec.name}: need a 2-D weight (got {tuple(w.shape)})")
     out, n_in = w.shape
     gs = spec.group_for(n_in)
-    n_groups = n_in // gs
-    groups = w.detach().float().reshape(out * n_groups, gs)
-    d, m = fit_group_params(groups, spec, clip_search=clip_search)
-    codes = quantize_with_params(groups, d[:, None], None if m is None else m[:, None], spec)
-    offset = None if m is None else m.reshape(out, n_groups)
-    return QuantizedTensor(codes.reshape(out, n_in), d.reshape(out, n_groups), offset, spec)
+    w = w.detach().float()
+    codes, scales, offsets = [], [], []
+    full = n_in // gs * gs
+    for start, stop, width in ((0, full, gs), (full, n_in, n_in - full)):
+        if stop == start:
+            continue
+        groups = w[:, start:stop].reshape(-1, width)
+        d, m = fit_group_params(groups, spec, clip_search=clip_search)
+        q = quantize_with_params(groups, d[:, None], None if m is None else m[:, None], spec)
+        codes.append(q.reshape(out, stop - start))
+        scales.append(d.reshape(out, -1))
+        offsets.append(None if m is None else m.reshape(out, -1))
+    offset = None if spec.symmetric else torch.cat(offsets, dim=1)
+    return QuantizedTensor(torch.cat(codes, dim=1), torch.cat(scales, dim=1), offset, spec)

@@ -73,9 +73,10 @@ def test_matmulnbits_weights_dequantize_exactly_to_our_codes(block):
         np.testing.assert_array_equal(value[:, :128], qt.dequantize().numpy())
 
 
-def test_w4a16_graph_matches_torch_with_the_same_dequantized_weights(tmp_path):
+@pytest.mark.parametrize("wtype", ["q4_0", "q4_0_g64", "q8_0_g128"])  # 96 = 64 + a padded block of 32
+def test_w4a16_graph_matches_torch_with_the_same_dequantized_weights(tmp_path, wtype):
     model = _folded("llama")
-    qmodel = quantize_model(model, QuantConfig(method="rtn", wtype="q4_0"))
+    qmodel = quantize_model(model, QuantConfig(method="rtn", wtype=wtype))
     quantized = copy.deepcopy(model)
     load_quantized_weights(quantized, qmodel)
     decoder = _export(tmp_path, model, qmodel)

@@ -105,7 +105,7 @@ def test_cholesky_retries_with_more_damping(caplog: pytest.LogCaptureFixture) ->
 
 def test_config_and_shape_validation() -> None:
     W, X = layer()
-    with pytest.raises(ValueError, match="multiples of group_size"):
+    with pytest.raises(ValueError, match="multiple of group_size"):
         gptq_quantize(W, hessian(X), grid("q4_0"), GPTQConfig(block_size=48))
     with pytest.raises(ValueError, match="does not match"):
         gptq_quantize(W, hessian(X)[:64, :64], grid("q4_0"), GPTQConfig())

@@ -134,8 +134,25 @@ def test_registry_and_validation_errors() -> None:
     assert grid("Q4_1") is grid("q4_1")
     with pytest.raises(ValueError, match="supported: q4_0, q4_1, q8_0"):
         grid("q3_k")
-    with pytest.raises(ValueError, match="multiple of 32"):
-        rtn_quantize(torch.zeros(4, 48), grid("q4_0"))
+    with pytest.raises(ValueError, match="multiple of 32"):  # a shorter last group has no GGUF block
+        to_gguf_blocks(rtn_quantize(torch.zeros(4, 48), grid("q4_0")))
     raw = rtn_quantize(weights((4, 64), seed=6), unrounded(grid("q8_0")))
     with pytest.raises(ValueError, match="fp16"):
         to_gguf_blocks(QuantizedTensor(raw.codes, raw.scale, None, grid("q8_0")))
+
+
+@pytest.mark.parametrize("n_in,group", [(100, 32), (96, 64), (37, 16)])
+def test_a_group_size_that_does_not_divide_the_row_leaves_a_shorter_last_group(n_in, group):
+    from converter.quantization.gptq import GPTQConfig, gptq_quantize
+    from converter.quantization.rtn import rtn_quantize
+
+    spec = grid(f"q4_0_g{group}")
+    assert spec.group_size == group and spec.zero_point == 8
+    w = torch.randn(6, n_in)
+    for qt in (rtn_quantize(w, spec), gptq_quantize(w, torch.eye(n_in), spec, GPTQConfig(block_size=128, clip_search=False))):
+        assert qt.scale.shape == (6, -(-n_in // group))
+        tail = w[:, n_in // group * group:]
+        # the last group's scale is fitted on its own columns only (Q4_0 rule: largest |w| / -8)
+        signed_max = torch.gather(tail, 1, tail.abs().argmax(1, keepdim=True))[:, 0]
+        torch.testing.assert_close(qt.scale[:, -1], (signed_max / -8).half().float())
+        assert (qt.dequantize() - w).abs().max() <= qt.scale.abs().max() + 1e-6  # Q4_0 clips one side by a step
