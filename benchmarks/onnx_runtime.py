@@ -9,6 +9,7 @@ is the torch ↔ onnxruntime comparison) and cached in benchmarks/work/onnx_runt
 in its own child process so its peak RSS is its own.
 Results: benchmarks/results/onnx_runtime.{json,md}.
 
+    pip install -e ".[bench]"                    # onnx-ir, which onnxruntime's int4 quantizer imports
     python benchmarks/onnx_runtime.py            # everything (about 40 min on 2 cores with cached rotations)
     python benchmarks/onnx_runtime.py --time DIR --kernels on   # one timing (used internally)
 """
@@ -103,8 +104,8 @@ def strip_online_ops(folder: Path) -> Path:
     model.graph.node.extend(nodes)
     onnx.save_model(model, str(out / "model.onnx"))
     data = out / "model.onnx.data"
-    if not data.exists():
-        data.symlink_to((folder / "model.onnx.data").resolve())
+    if not data.exists():  # a hard link: onnxruntime refuses external data outside the model's folder
+        os.link(folder / "model.onnx.data", data)
     return out
 
 

@@ -156,6 +156,7 @@ def main(debug, **options):
     \b
     Other commands:
       respin-export generate DIR "prompt"   greedy decoding of an exported ONNX folder in onnxruntime
+      respin-export parity DIR              torch reference (rebuilt from DIR) vs onnxruntime, functions vs kernels
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _run(debug, _convert, options)
@@ -257,7 +258,41 @@ def _generate(folder: Path, prompt: str, max_new_tokens: int, kernels: str, thre
     click.echo(prompt + tokenizer.decode(new, skip_special_tokens=True))
 
 
-COMMANDS = {"generate": generate}
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--eval-tokens", default=4096, show_default=True, help="Evaluation-split tokens to compare on.")
+@click.option("--eval-ctx", default=512, show_default=True, help="Segment length.")
+@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def parity(folder, eval_tokens, eval_ctx, threads, report_path, debug):
+    """Parity of an exported ONNX FOLDER: the torch simulated-quant model rebuilt from the folder's own
+    weights vs onnxruntime with function bodies vs with our kernels (when built), on the evaluation split."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _run(debug, _parity, folder, eval_tokens, eval_ctx, threads, report_path)
+
+
+def _parity(folder: Path, eval_tokens: int, eval_ctx: int, threads: int | None, report_path: Path | None) -> None:
+    from transformers import AutoTokenizer
+
+    from converter.data import CorpusConfig, evaluation_tokens, load_corpus
+    from converter.onnx_reference import load_reference
+    from converter.pipeline_onnx import validate_onnx
+    from converter.report import write_json_atomic
+
+    if not (Path(folder) / "model.onnx").is_file():
+        raise RespinError(f"{folder} holds no model.onnx: export one with `respin-export --to onnx -o {folder}`")
+    reference, _ = load_reference(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    segments = evaluation_tokens(tokenizer, load_corpus(CorpusConfig()).evaluation, eval_ctx, eval_tokens)
+    result = validate_onnx(folder, reference, None, segments, threads)
+    _print_onnx_validation(result)
+    if report_path is not None:
+        write_json_atomic(report_path, {"tool": "respin-export", "command": "parity", "folder": str(folder),
+                                        "validation": result})
+
+
+COMMANDS = {"generate": generate, "parity": parity}
 
 
 def cli() -> None:

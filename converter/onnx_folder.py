@@ -90,6 +90,7 @@ def write_onnx_folder(out_dir: Path, loaded: LoadedModel, model, qmodel, graph: 
         build_decoder(tmp / MODEL_FILE, model, qmodel, loaded.shape, graph, corrections, metadata)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         loaded.tokenizer.save_pretrained(tmp)
+        loaded.model.config.save_pretrained(tmp)  # lets `respin-export parity` rebuild the torch reference
         context = int(min(loaded.shape.max_positions, 8192))
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(loaded, graph, context), indent=2) + "\n")
         genai = check_genai_config(tmp) if not graph.kv_quantized else (

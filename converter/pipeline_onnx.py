@@ -3,6 +3,7 @@ parity of onnxruntime (function bodies, and our kernels when built) against that
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -62,7 +63,7 @@ def export_onnx(cfg, loaded: LoadedModel, corpus, probe: torch.Tensor, timings: 
                              GPTQConfig(cfg.quant.gptq.percdamp, act_order=cfg.quant.gptq.act_order,
                                         clip_search=cfg.quant.gptq.clip_search))
     graph = graph_config(spec)
-    metadata = {"respin.version": __version__, "respin.rotate": cfg.rotate, "respin.sim": str(spec.describe()),
+    metadata = {"respin.version": __version__, "respin.rotate": cfg.rotate, "respin.sim": json.dumps(spec.describe()),
                 "respin.calibration.sha256": corpus.calibration_sha256}
     with timings.stage("export"):
         written = write_onnx_folder(output, loaded, sim.model, sim.qmodel, graph, sim.corrections, metadata, cfg.force)

@@ -1,0 +1,109 @@
+// respin::Hadamard — Y = X·H_n/√n along the last axis, float32 [..., n] (DESIGN §6).
+//
+// H_n = H_{2^k} ⊗ H_m (hadamard_construction.h). Viewing a row x as X [2^k, m] (row-major),
+// x·(H_{2^k} ⊗ H_m) = vec(H_{2^k}ᵀ X H_m) and H_{2^k} is symmetric, so each row costs
+// O(n·m) for X·H_m (H_m on the right, not transposed: Paley I cores are not symmetric) plus
+// O(n log 2^k) for the Sylvester butterfly over the 2^k axis. Accumulation in float32.
+#include <cmath>
+
+#include "hadamard_construction.h"
+#include "ort_op.h"
+#include "respin_ops.h"
+
+namespace respin {
+namespace {
+
+constexpr int64_t kMaxCore = 4096;  // H_m is held as float [m, m]; larger cores are refused
+
+struct HadamardKernel : KernelBase<HadamardKernel> {
+  static constexpr const char* kName = "Hadamard";
+  static constexpr std::array<Arg, 1> kInputs{{{kFloat, false}}};
+  static constexpr std::array<Arg, 1> kOutputs{{{kFloat, false}}};
+
+  int64_t n = 0, m = 1, pow2 = 1;
+  std::vector<float> core;  // H_m, row-major [m, m]
+  float scale = 1.0f;       // 1/√n
+
+  Ort::Status Init(const OrtKernelInfo* info) {
+    RESPIN_RETURN_IF_ERROR(IntAttribute(info, kName, "n", std::nullopt, n));
+    RESPIN_RETURN_IF_ERROR(IntAttribute(info, kName, "m", 1, m));
+    if (n < 1) return Fail(kName, "attribute n must be >= 1, got " + std::to_string(n));
+    const auto factors = hadamard::Factorization(n);
+    if (!factors)
+      return Fail(kName, "no Hadamard construction of size n = " + std::to_string(n) +
+                             ": supported are n = 2^k·m with m = 1 (Sylvester), m = q + 1 for a prime power "
+                             "q ≡ 3 (mod 4) (Paley I) or m = 2(q + 1) for a prime power q ≡ 1 (mod 4) (Paley II)");
+    if (factors->second != m)
+      return Fail(kName, "attribute m = " + std::to_string(m) + " does not match n = " + std::to_string(n) +
+                             ": its construction is H_" + std::to_string(factors->first) + " ⊗ H_" +
+                             std::to_string(factors->second) + " (m = " + std::to_string(factors->second) + ")");
+    if (m > kMaxCore)
+      return Fail(kName, "core size m = " + std::to_string(m) + " is larger than this kernel supports (" +
+                             std::to_string(kMaxCore) + ")");
+    pow2 = factors->first;
+    const std::vector<int8_t> h = hadamard::CoreMatrix(m);
+    core.assign(h.begin(), h.end());
+    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
+    return Ort::Status(nullptr);
+  }
+
+  static void InferShapes(const ShapeInference& si) {
+    if (const auto x = si.Input(0)) si.SetOutput(0, kFloat, *x);
+  }
+
+  // y = x·H_n/√n for one row of n floats (x and y do not alias).
+  void TransformRow(const float* x, float* y) const {
+    if (m == 1) {
+      for (int64_t i = 0; i < n; ++i) y[i] = x[i];
+    } else {
+      for (int64_t a = 0; a < pow2; ++a) {  // y[a, :] = x[a, :]·H_m
+        const float* xa = x + a * m;
+        float* ya = y + a * m;
+        for (int64_t d = 0; d < m; ++d) ya[d] = 0.0f;
+        for (int64_t b = 0; b < m; ++b) {
+          const float xv = xa[b];
+          const float* hb = core.data() + b * m;
+          for (int64_t d = 0; d < m; ++d) ya[d] += xv * hb[d];
+        }
+      }
+    }
+    for (int64_t h = 1; h < pow2; h *= 2) {  // Sylvester butterfly: one H_2 per bit of the 2^k index
+      const int64_t span = h * m;
+      for (int64_t base = 0; base < pow2; base += 2 * h) {
+        float* lo = y + base * m;
+        float* hi = lo + span;
+        for (int64_t i = 0; i < span; ++i) {
+          const float u = lo[i], v = hi[i];
+          lo[i] = u + v;
+          hi[i] = u - v;
+        }
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) y[i] *= scale;
+  }
+
+  Ort::Status Compute(Ort::KernelContext& ctx) {
+    const Input x = ReadInput(ctx, 0);
+    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
+    RESPIN_RETURN_IF_ERROR(ExpectLastAxis(kName, "X", x, n, "attribute n"));
+    float* y = AllocateOutput<float>(ctx, 0, x.shape);
+    const int64_t rows = LeadingSize(x.shape);
+    int64_t levels = 0;
+    for (int64_t p = pow2; p > 1; p /= 2) ++levels;
+    const size_t tasks = TaskCount(rows, n * (levels + m));
+    const float* xd = x.as<float>();
+    return ParallelFor(ctx, tasks, [&](size_t t) {
+      const auto [r0, r1] = TaskRange(t, tasks, rows);
+      for (int64_t r = r0; r < r1; ++r) TransformRow(xd + r * n, y + r * n);
+    });
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* HadamardOp() {
+  static const RespinOp<HadamardKernel> op;
+  return &op;
+}
+
+}  // namespace respin

@@ -1,0 +1,82 @@
+// respin::ResidualCorrection — Y = X + ((X·Q)·M)·Qᵀ, X float32 [..., D], Q [D, r], M [r, r]
+// (the ReSpinQuant skip path). Row by row in float32: t = x·Q, u = t·M, y = x + u·Qᵀ, each
+// written as a sum of scaled rows (Qᵀ is transposed once per call) so the inner loops vectorize
+// without reassociating any float sum.
+#include <algorithm>
+
+#include "ort_op.h"
+#include "respin_ops.h"
+
+namespace respin {
+namespace {
+
+struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
+  static constexpr const char* kName = "ResidualCorrection";
+  static constexpr std::array<Arg, 3> kInputs{{{kFloat, false}, {kFloat, false}, {kFloat, false}}};
+  static constexpr std::array<Arg, 1> kOutputs{{{kFloat, false}}};
+
+  Ort::Status Init(const OrtKernelInfo* /*info*/) { return Ort::Status(nullptr); }
+
+  static void InferShapes(const ShapeInference& si) {
+    if (const auto x = si.Input(0)) si.SetOutput(0, kFloat, *x);
+  }
+
+  Ort::Status Compute(Ort::KernelContext& ctx) {
+    const Input x = ReadInput(ctx, 0), q = ReadInput(ctx, 1), mm = ReadInput(ctx, 2);
+    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
+    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "Q", q, kFloat));
+    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "M", mm, kFloat));
+    if (x.shape.empty()) return Fail(kName, "input X must have rank >= 1, got a scalar");
+    if (q.shape.size() != 2)
+      return Fail(kName, "input Q must be 2-D [D, r], got shape " + ShapeStr(q.shape));
+    const int64_t D = q.shape[0], r = q.shape[1];
+    RESPIN_RETURN_IF_ERROR(ExpectLastAxis(kName, "X", x, D, "D, the first axis of Q"));
+    RESPIN_RETURN_IF_ERROR(ExpectShape(kName, "M", mm, {r, r}, "[r, r], r = the second axis of Q"));
+
+    float* y = AllocateOutput<float>(ctx, 0, x.shape);
+    const int64_t rows = LeadingSize(x.shape);
+    const float* xd = x.as<float>();
+    const float* Q = q.as<float>();
+    const float* M = mm.as<float>();
+    std::vector<float> Qt(r * D);  // Qᵀ [r, D]
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = 0; j < r; ++j) Qt[j * D + d] = Q[d * r + j];
+
+    const size_t tasks = TaskCount(rows, 2 * D * r + r * r);
+    return ParallelFor(ctx, tasks, [&](size_t task) {
+      const auto [r0, r1] = TaskRange(task, tasks, rows);
+      std::vector<float> t(r), u(r);
+      for (int64_t i = r0; i < r1; ++i) {
+        const float* xi = xd + i * D;
+        float* yi = y + i * D;
+        std::fill(t.begin(), t.end(), 0.0f);
+        for (int64_t d = 0; d < D; ++d) {  // t = x·Q
+          const float v = xi[d];
+          const float* qd = Q + d * r;
+          for (int64_t j = 0; j < r; ++j) t[j] += v * qd[j];
+        }
+        std::fill(u.begin(), u.end(), 0.0f);
+        for (int64_t j = 0; j < r; ++j) {  // u = t·M
+          const float v = t[j];
+          const float* mj = M + j * r;
+          for (int64_t l = 0; l < r; ++l) u[l] += v * mj[l];
+        }
+        for (int64_t d = 0; d < D; ++d) yi[d] = xi[d];
+        for (int64_t j = 0; j < r; ++j) {  // y = x + u·Qᵀ
+          const float v = u[j];
+          const float* qj = Qt.data() + j * D;
+          for (int64_t d = 0; d < D; ++d) yi[d] += v * qj[d];
+        }
+      }
+    });
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* ResidualCorrectionOp() {
+  static const RespinOp<ResidualCorrectionKernel> op;
+  return &op;
+}
+
+}  // namespace respin
