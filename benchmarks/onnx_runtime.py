@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -116,9 +115,32 @@ def timing(folder: Path, kernels: bool) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+class PeakRSS:
+    """Samples this process's RSS every 5 ms (ru_maxrss would include the parent's peak before exec)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.peak, self._proc, self._stop = 0, psutil.Process(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._proc.memory_info().rss) / 2**20
+
+
 def measure(folder: Path, kernels: bool) -> dict:
     from converter.onnx_runtime import OnnxDecoder
 
+    rss = PeakRSS()
     decoder = OnnxDecoder(folder, use_kernels=kernels, threads=THREADS)
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 40000, (1, PROMPT_TOKENS))
@@ -133,7 +155,7 @@ def measure(folder: Path, kernels: bool) -> dict:
         token, length = int(logits[0, -1].argmax()), length + 1
     decode = time.perf_counter() - start
     return {"prefill_tok_s": PROMPT_TOKENS / prefill, "decode_tok_s": NEW_TOKENS / decode,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": rss.stop()}
 
 
 def file_mb(folder: Path) -> float:

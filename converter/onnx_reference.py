@@ -28,9 +28,14 @@ from runtime_ops import reference
 SIM_KEY = "respin.sim"
 
 
+def sim_metadata(spec: SimSpec) -> dict[str, str]:
+    """The model metadata that lets `load_reference` re-attach the export's online quantization."""
+    return {SIM_KEY: json.dumps(spec.describe())}
+
+
 def _initializers(path: Path) -> dict[str, np.ndarray]:
     model = onnx.load(str(path))  # with its external data
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
 
 
 def _matmul_attrs(path: Path) -> dict[str, dict]:
@@ -51,7 +56,9 @@ def _dequantize(stem: str, inits: dict, attrs: dict) -> np.ndarray | None:
     qname = f"{stem}.qweight"
     if qname not in inits:
         return None
-    a, B, scales = attrs[qname], inits[qname], inits[f"{stem}.scales"]
+    a, B, scales = attrs.get(qname), inits[qname], inits[f"{stem}.scales"]
+    if a is None:  # 8-bit codes dequantized by constant folding in the graph
+        return np.repeat(scales, B.shape[1] // scales.shape[1], axis=1) * B.astype(np.float32)
     if "block_size" in a:  # MatMulNBits: unsigned codes, default zero point 2^(bits-1)
         N, K, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
         codes = B.reshape(N, -1)

@@ -3,7 +3,6 @@ parity of onnxruntime (function bodies, and our kernels when built) against that
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from converter.errors import RespinError
 from converter.export_onnx import OnnxGraphConfig
 from converter.loading import LoadedModel
 from converter.onnx_folder import write_onnx_folder
+from converter.onnx_reference import sim_metadata
 from converter.parity import noise_floor, perplexity, runtime_parity
 from converter.quantization.gptq import GPTQConfig
 from converter.report import Timings
@@ -63,7 +63,7 @@ def export_onnx(cfg, loaded: LoadedModel, corpus, probe: torch.Tensor, timings: 
                              GPTQConfig(cfg.quant.gptq.percdamp, act_order=cfg.quant.gptq.act_order,
                                         clip_search=cfg.quant.gptq.clip_search))
     graph = graph_config(spec)
-    metadata = {"respin.version": __version__, "respin.rotate": cfg.rotate, "respin.sim": json.dumps(spec.describe()),
+    metadata = {"respin.version": __version__, "respin.rotate": cfg.rotate, **sim_metadata(spec),
                 "respin.calibration.sha256": corpus.calibration_sha256}
     with timings.stage("export"):
         written = write_onnx_folder(output, loaded, sim.model, sim.qmodel, graph, sim.corrections, metadata, cfg.force)
