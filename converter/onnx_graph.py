@@ -92,8 +92,16 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
-        """Expose `value` as graph output `name` (an Identity renames it)."""
-        self.nodes.append(helper.make_node("Identity", [value], [name], name=self.fresh(f"out_{name}")))
+        """Expose `value` as graph output `name`: the producing node's output is renamed (an Identity
+        per output cost ~7 µs each per decoded token in onnxruntime, 181 of them for SmolLM2)."""
+        if any(value in n.output for n in self.nodes) and not any(o.name == value for o in self.outputs):
+            for node in self.nodes:
+                for field in (node.output, node.input):
+                    for i, v in enumerate(field):
+                        if v == value:
+                            field[i] = name
+        else:  # a graph input or an already exposed value: copy it
+            self.nodes.append(helper.make_node("Identity", [value], [name], name=self.fresh(f"out_{name}")))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     # --- finishing --------------------------------------------------------------------------

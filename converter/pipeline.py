@@ -209,14 +209,7 @@ def simulate(cfg: ConvertConfig, loaded: LoadedModel, corpus, probe: torch.Tenso
     to_save = replace(rotations, config={**rotations.config, "sim": spec.describe()})
     # the run uses exactly what the file gives back, so --rotations PATH reproduces it
     rotations = to_save if cfg.rotations_path is not None else to_save.as_stored()
-    calibration = None
-    with timings.stage("quantize"):
-        if spec.wquant == "gptq" and spec.wbits < 16:
-            calibration = calibration_batches(loaded.tokenizer, corpus.calibration, cfg.calib_samples,
-                                              cfg.calib_seq_len, seed=cfg.seed)
-        sim = build_simquant(loaded, rotations, spec, probe, calibration,
-                             GPTQConfig(cfg.quant.gptq.percdamp, act_order=cfg.quant.gptq.act_order,
-                                        clip_search=cfg.quant.gptq.clip_search))
+    sim = quantize_simulated(cfg, loaded, corpus, probe, rotations, spec, timings)
     with timings.stage("export"):
         to_save.save(output)
     report = {
@@ -236,6 +229,19 @@ def simulate(cfg: ConvertConfig, loaded: LoadedModel, corpus, probe: torch.Tenso
             fp = perplexity(loaded.model, segments)
             report["validation"] = {"tokens": tokens, "ctx": cfg.validation.ctx, "fp_ppl": fp.ppl, "sim_ppl": ppl}
     return _finish(report, timings)
+
+
+def quantize_simulated(cfg: ConvertConfig, loaded: LoadedModel, corpus, probe: torch.Tensor,
+                       rotations: Rotations | None, spec: SimSpec, timings: Timings):
+    """The simulated W·A·KV model of `spec` with GPTQ (calibrated here) or RTN weights."""
+    calibration = None
+    with timings.stage("quantize"):
+        if spec.wquant == "gptq" and spec.wbits < 16:
+            calibration = calibration_batches(loaded.tokenizer, corpus.calibration, cfg.calib_samples,
+                                              cfg.calib_seq_len, seed=cfg.seed)
+        gptq = cfg.quant.gptq
+        return build_simquant(loaded, rotations, spec, probe, calibration,
+                              GPTQConfig(gptq.percdamp, act_order=gptq.act_order, clip_search=gptq.clip_search))
 
 
 def _model_name(loaded: LoadedModel) -> str:

@@ -10,16 +10,15 @@ from pathlib import Path
 import torch
 
 from converter import __version__
-from converter.data import calibration_batches, evaluation_tokens
+from converter.data import evaluation_tokens
 from converter.errors import RespinError
 from converter.export_onnx import OnnxGraphConfig
 from converter.loading import LoadedModel
 from converter.onnx_folder import write_onnx_folder
 from converter.onnx_reference import sim_metadata
 from converter.parity import noise_floor, perplexity, runtime_parity
-from converter.quantization.gptq import GPTQConfig
 from converter.report import Timings
-from converter.simquant import SimSpec, build_simquant, model_macs_per_token
+from converter.simquant import SimSpec, model_macs_per_token
 from rotations.rotations import LEARNED_KINDS
 
 logger = logging.getLogger(__name__)
@@ -47,21 +46,14 @@ def graph_config(spec: SimSpec) -> OnnxGraphConfig:
 
 
 def export_onnx(cfg, loaded: LoadedModel, corpus, probe: torch.Tensor, timings: Timings) -> dict:
-    from converter.pipeline import _save_learned, obtain_rotations, rotations_artefact_path
+    from converter.pipeline import _save_learned, obtain_rotations, quantize_simulated, rotations_artefact_path
 
     output = Path(cfg.output)
     spec = onnx_sim_spec(cfg.sim)
     rotations = obtain_rotations(cfg, loaded, corpus, spec.online(), spec.weight_grid(), timings)
     if cfg.rotate in LEARNED_KINDS and cfg.rotations_path is None:
         rotations = _save_learned(rotations, rotations_artefact_path(output, directory=True))
-    calibration = None
-    with timings.stage("quantize"):
-        if spec.wquant == "gptq" and spec.wbits < 16:
-            calibration = calibration_batches(loaded.tokenizer, corpus.calibration, cfg.calib_samples,
-                                              cfg.calib_seq_len, seed=cfg.seed)
-        sim = build_simquant(loaded, rotations, spec, probe, calibration,
-                             GPTQConfig(cfg.quant.gptq.percdamp, act_order=cfg.quant.gptq.act_order,
-                                        clip_search=cfg.quant.gptq.clip_search))
+    sim = quantize_simulated(cfg, loaded, corpus, probe, rotations, spec, timings)
     graph = graph_config(spec)
     metadata = {"respin.version": __version__, "respin.rotate": cfg.rotate, **sim_metadata(spec),
                 "respin.calibration.sha256": corpus.calibration_sha256}

@@ -3,6 +3,7 @@
 // written as a sum of scaled rows (Qᵀ is transposed once per call) so the inner loops vectorize
 // without reassociating any float sum.
 #include <algorithm>
+#include <vector>
 
 #include "ort_op.h"
 #include "respin_ops.h"
@@ -15,7 +16,36 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
   static constexpr std::array<Arg, 3> kInputs{{{kFloat, false}, {kFloat, false}, {kFloat, false}}};
   static constexpr std::array<Arg, 1> kOutputs{{{kFloat, false}}};
 
-  Ort::Status Init(const OrtKernelInfo* /*info*/) { return Ort::Status(nullptr); }
+  // Qᵀ of a constant Q (an initializer), transposed once at session creation: transposing per call
+  // cost more than the correction itself when decoding one token.
+  std::vector<float> constant_qt;
+  int64_t constant_d = 0, constant_r = 0;
+
+  Ort::Status Init(const OrtKernelInfo* info) {
+    const OrtApi& api = Ort::GetApi();
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    if (OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value)) {
+      api.ReleaseStatus(status);
+      return Ort::Status(nullptr);
+    }
+    if (!is_constant || value == nullptr) return Ort::Status(nullptr);
+    const Ort::ConstValue q(value);
+    const auto type_shape = q.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = type_shape.GetShape();
+    if (type_shape.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || shape.size() != 2) return Ort::Status(nullptr);
+    constant_d = shape[0];
+    constant_r = shape[1];
+    constant_qt = Transposed(q.GetTensorData<float>(), constant_d, constant_r);
+    return Ort::Status(nullptr);
+  }
+
+  static std::vector<float> Transposed(const float* Q, int64_t D, int64_t r) {
+    std::vector<float> Qt(r * D);  // Qᵀ [r, D]
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = 0; j < r; ++j) Qt[j * D + d] = Q[d * r + j];
+    return Qt;
+  }
 
   static void InferShapes(const ShapeInference& si) {
     if (const auto x = si.Input(0)) si.SetOutput(0, kFloat, *x);
@@ -38,9 +68,10 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
     const float* xd = x.as<float>();
     const float* Q = q.as<float>();
     const float* M = mm.as<float>();
-    std::vector<float> Qt(r * D);  // Qᵀ [r, D]
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = 0; j < r; ++j) Qt[j * D + d] = Q[d * r + j];
+    std::vector<float> per_call;
+    const bool cached = !constant_qt.empty() && D == constant_d && r == constant_r;
+    if (!cached) per_call = Transposed(Q, D, r);
+    const float* Qt = cached ? constant_qt.data() : per_call.data();
 
     const size_t tasks = TaskCount(rows, 2 * D * r + r * r);
     return ParallelFor(ctx, tasks, [&](size_t task) {
@@ -64,7 +95,7 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
         for (int64_t d = 0; d < D; ++d) yi[d] = xi[d];
         for (int64_t j = 0; j < r; ++j) {  // y = x + u·Qᵀ
           const float v = u[j];
-          const float* qj = Qt.data() + j * D;
+          const float* qj = Qt + j * D;
           for (int64_t d = 0; d < D; ++d) yi[d] += v * qj[d];
         }
       }
