@@ -196,9 +196,9 @@ def _convert(o: dict):
     abits = o["abits"] or low_bits
     wgrid = ""
     if target == "onnx" and abits == 16 and o["group_size"] != 32:
-        if o["group_size"] not in (16, 32, 64, 128, 256):
-            raise RespinError(f"--group-size must be 16, 32, 64, 128 or 256 (got {o['group_size']})")
-        wgrid = f"{'q4_0' if o['wbits'] <= 4 else 'q8_0'}_g{o['group_size']}"
+        from converter.pipeline_onnx import a16_weight_grid
+
+        wgrid = a16_weight_grid(o["wbits"], o["group_size"])
     sim = SimSpec(wbits=o["wbits"], abits=abits, kvbits=o["kvbits"] or low_bits, a_clip=o["a_clip"],
                   wquant=method, rank=o["rank"], wgrid=wgrid)
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
@@ -242,10 +242,9 @@ def generate(folder, prompt, max_new_tokens, kernels, threads, debug):
 def _generate(folder: Path, prompt: str, max_new_tokens: int, kernels: str, threads: int | None) -> None:
     from transformers import AutoTokenizer
 
-    from converter.onnx_runtime import OnnxDecoder, uses_custom_ops
+    from converter.onnx_runtime import OnnxDecoder, model_path, uses_custom_ops
 
-    if not (Path(folder) / "model.onnx").is_file():
-        raise RespinError(f"{folder} holds no model.onnx: export one with `respin-export --to onnx -o {folder}`")
+    model_path(folder)  # a clear error before loading the tokenizer
     use_kernels = kernels == "on"
     if kernels == "auto" and uses_custom_ops(folder):
         from runtime_ops.library import available
@@ -277,11 +276,11 @@ def _parity(folder: Path, eval_tokens: int, eval_ctx: int, threads: int | None, 
 
     from converter.data import CorpusConfig, evaluation_tokens, load_corpus
     from converter.onnx_reference import load_reference
+    from converter.onnx_runtime import model_path
     from converter.pipeline_onnx import validate_onnx
     from converter.report import write_json_atomic
 
-    if not (Path(folder) / "model.onnx").is_file():
-        raise RespinError(f"{folder} holds no model.onnx: export one with `respin-export --to onnx -o {folder}`")
+    model_path(folder)  # a clear error before rebuilding the reference
     reference, _ = load_reference(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     segments = evaluation_tokens(tokenizer, load_corpus(CorpusConfig()).evaluation, eval_ctx, eval_tokens)

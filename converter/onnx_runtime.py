@@ -32,15 +32,21 @@ class CacheSlot:
     last_dim: int
 
 
+def model_path(folder: Path) -> Path:
+    """`folder/model.onnx` (or `folder` itself when it is the .onnx file); a clear error when absent."""
+    path = Path(folder) / MODEL_FILE if Path(folder).is_dir() else Path(folder)
+    if not path.is_file():
+        raise RespinError(f"{folder} holds no {MODEL_FILE}: export one with `respin-export --to onnx -o {folder}`")
+    return path
+
+
 class OnnxDecoder:
     """An onnxruntime session over `folder/model.onnx` (our kernels registered when `use_kernels`)."""
 
     def __init__(self, folder: Path, use_kernels: bool = False, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        path = Path(folder) / MODEL_FILE if Path(folder).is_dir() else Path(folder)
-        if not path.is_file():
-            raise RespinError(f"no ONNX model at {path}: export one with `respin-export --to onnx -o DIR`")
+        path = model_path(folder)
         if use_kernels:
             from runtime_ops.library import session_options
 
@@ -105,5 +111,4 @@ def uses_custom_ops(folder: Path) -> bool:
 
     from runtime_ops.schema import DOMAIN
 
-    path = Path(folder) / MODEL_FILE if Path(folder).is_dir() else Path(folder)
-    return any(n.domain == DOMAIN for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return any(n.domain == DOMAIN for n in onnx.load(str(model_path(folder)), load_external_data=False).graph.node)

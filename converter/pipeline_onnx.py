@@ -12,7 +12,7 @@ import torch
 from converter import __version__
 from converter.data import evaluation_tokens
 from converter.errors import RespinError
-from converter.export_onnx import OnnxGraphConfig
+from converter.export_onnx import MATMULNBITS_BLOCKS, OnnxGraphConfig
 from converter.loading import LoadedModel
 from converter.onnx_folder import write_onnx_folder
 from converter.onnx_reference import sim_metadata
@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 # W4A16 weights: MatMulNBits blocks on a symmetric grid (Q4_0's, fp16 scales: the GGUF grid too;
 # --group-size picks "q4_0_g64" etc.)
 A16_WEIGHT_GRID = {4: "q4_0", 8: "q8_0"}
+
+
+def a16_weight_grid(wbits: int, group_size: int) -> str:
+    """The W4A16/W8A16 grid name for a MatMulNBits block size, e.g. (4, 128) → "q4_0_g128"."""
+    if group_size not in MATMULNBITS_BLOCKS:
+        raise RespinError(f"--group-size must be one of {', '.join(map(str, MATMULNBITS_BLOCKS))} (got {group_size})")
+    return f"{A16_WEIGHT_GRID[4 if wbits <= 4 else 8]}_g{group_size}"
 
 
 def onnx_sim_spec(spec: SimSpec) -> SimSpec:

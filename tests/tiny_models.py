@@ -18,6 +18,19 @@ def tiny_config(family: str = "llama", hidden: int = 96, heads: int = 6, kv_head
                       head_dim=hidden // heads, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
+def near_hadamard_bases(shape, scale: float, seed: int = 0) -> torch.Tensor:
+    """ReSpinQuant-like per-block bases [2L+1, D, D] near one Hadamard (as after training): H · expm(skew noise)."""
+    from rotations.hadamard import normalized_hadamard
+
+    g = torch.Generator().manual_seed(seed)
+    H = normalized_hadamard(shape.hidden)
+    bases = []
+    for _ in range(2 * shape.n_layers + 1):
+        A = scale * torch.randn(shape.hidden, shape.hidden, generator=g, dtype=torch.float64)
+        bases.append(H @ torch.linalg.matrix_exp(A - A.T))
+    return torch.stack(bases)
+
+
 def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float64, **kwargs) -> torch.nn.Module:
     """A random model whose norm scales and biases are non-trivial (so folding is really tested)."""
     torch.manual_seed(seed)

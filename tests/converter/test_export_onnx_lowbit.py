@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny_models import near_hadamard_bases
 
 from converter.loading import load_model
 from converter.onnx_folder import write_onnx_folder
@@ -12,18 +13,8 @@ from converter.onnx_reference import load_reference, sim_metadata
 from converter.onnx_runtime import OnnxDecoder, uses_custom_ops
 from converter.pipeline_onnx import graph_config, onnx_sim_spec
 from converter.simquant import SimSpec, build_simquant
-from rotations.hadamard import normalized_hadamard, random_orthogonal
+from rotations.hadamard import random_orthogonal
 from rotations.rotations import Rotations, hadamard_rotations
-
-
-def _near_hadamard_bases(shape, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    H = normalized_hadamard(shape.hidden)
-    out = []
-    for _ in range(2 * shape.n_layers + 1):
-        A = scale * torch.randn(shape.hidden, shape.hidden, generator=g, dtype=torch.float64)
-        out.append(H @ torch.linalg.matrix_exp(A - A.T))
-    return torch.stack(out)
 
 
 def _ids(n, t, seed):
@@ -75,7 +66,7 @@ def test_w4a4kv4_graph_matches_the_simulated_quant_model(tmp_path, tiny_llama, k
         rotations = hadamard_rotations(shape)
     else:
         R2 = torch.stack([random_orthogonal(shape.head_dim, seed=i) for i in range(shape.n_layers)])
-        rotations = Rotations("respin", _near_hadamard_bases(shape), R2)
+        rotations = Rotations("respin", near_hadamard_bases(shape, 0.05), R2)
     sim, out = _export(tmp_path, tiny_llama, rotations, SimSpec(wbits=4, abits=4, kvbits=4, rank=rank or 32))
     assert uses_custom_ops(out)
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import near_hadamard_bases
 
 from converter.data import CorpusConfig, evaluation_tokens, load_corpus
 from converter.loading import load_model
@@ -27,20 +28,10 @@ def texts(smollm2):
     return evaluation_tokens(tok, corpus.calibration, 64, 64), evaluation_tokens(tok, corpus.evaluation, 256, 512)
 
 
-def _near_hadamard_bases(shape, scale=0.01, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    H = hadamard_rotations(shape).R1
-    out = []
-    for _ in range(2 * shape.n_layers + 1):
-        A = scale * torch.randn(shape.hidden, shape.hidden, generator=g, dtype=torch.float64)
-        out.append(H @ torch.linalg.matrix_exp(A - A.T))
-    return torch.stack(out)
-
-
 def test_respin_bases_with_online_ops_keep_the_function(smollm2, texts):
     """61 different bases, R3/R4 online, rank-full corrections: logits as the original (float32 gate)."""
     probe, _ = texts
-    rot = Rotations("respin", _near_hadamard_bases(smollm2.shape), hadamard_rotations(smollm2.shape).R2)
+    rot = Rotations("respin", near_hadamard_bases(smollm2.shape, 0.01), hadamard_rotations(smollm2.shape).R2)
     sim = build_simquant(smollm2, rot, SimSpec(wbits=16, abits=16, kvbits=16, rank="full"), probe, None)
     assert sim.invariance.passed and sim.correction_fp_err < 1e-3
     # rank 32 is an approximation: its FP error is reported, and larger than at full rank

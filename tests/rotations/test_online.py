@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import near_hadamard_bases, tiny_model
 
 from converter.arch import ModelShape
 from converter.invariance import INVARIANCE_TOL
@@ -29,17 +29,6 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-def _random_bases(shape: ModelShape, scale: float, seed: int = 0) -> torch.Tensor:
-    """Per-block bases near one Hadamard (as after training): H · expm(skew noise)."""
-    g = torch.Generator().manual_seed(seed)
-    H = normalized_hadamard(shape.hidden)
-    bases = []
-    for _ in range(2 * shape.n_layers + 1):
-        A = scale * torch.randn(shape.hidden, shape.hidden, generator=g, dtype=torch.float64)
-        bases.append(H @ torch.linalg.matrix_exp(A - A.T))
-    return torch.stack(bases)
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_r3_r4_keep_fp_function(family):
     model = tiny_model(family, **ONLINE_KW)
@@ -60,7 +49,7 @@ def test_respin_full_rank_reproduces_exact_model(family):
     shape = ModelShape.from_config(model.config)
     ids = _ids()
     ref = _logits(model, ids)
-    bases = _random_bases(shape, 0.05)
+    bases = near_hadamard_bases(shape, 0.05)
     R2 = torch.stack([random_orthogonal(shape.head_dim, seed=i) for i in range(shape.n_layers)])
     rot = Rotations("respin", bases, R2)
     sim = copy.deepcopy(model)
@@ -79,7 +68,7 @@ def test_respin_full_rank_reproduces_exact_model(family):
 
 def test_low_rank_correction_is_orthogonal_and_converges():
     shape = ModelShape.from_config(tiny_model("llama", **ONLINE_KW).config)
-    T = transitions(_random_bases(shape, 0.02))[1]
+    T = transitions(near_hadamard_bases(shape, 0.02))[1]
     errors = []
     for r in (0, 8, 32, 64, 96):
         c = compress_transition(T, r)
