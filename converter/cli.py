@@ -105,6 +105,9 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--group-size", default=32, show_default=True,
               help="--to onnx with --abits 16: MatMulNBits block size (16, 32, 64, 128, 256; a last block "
                    "shorter than the rest is padded).")
+@click.option("--asym/--sym", default=False, show_default=True,
+              help="--to onnx with --wbits 4 --abits 16: blocks with an integer zero point each (MatMulNBits "
+                   "zero_points, value = d·(q − z)) instead of Q4_0's symmetric grid.")
 @click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
 @click.option("--train-steps", default=32, show_default=True, help="spinquant/respin: Cayley SGD steps.")
 @click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
@@ -195,10 +198,12 @@ def _convert(o: dict):
     low_bits = 4 if target == "rotations" else 16  # ONNX: W4A16 unless asked
     abits = o["abits"] or low_bits
     wgrid = ""
-    if target == "onnx" and abits == 16 and o["group_size"] != 32:
+    if o["asym"] and not (target == "onnx" and abits == 16 and o["wbits"] == 4):
+        raise RespinError("--asym is for --to onnx with --wbits 4 --abits 16 (MatMulNBits zero points)")
+    if target == "onnx" and abits == 16 and (o["group_size"] != 32 or o["asym"]):
         from converter.pipeline_onnx import a16_weight_grid
 
-        wgrid = a16_weight_grid(o["wbits"], o["group_size"])
+        wgrid = a16_weight_grid(o["wbits"], o["group_size"], o["asym"])
     sim = SimSpec(wbits=o["wbits"], abits=abits, kvbits=o["kvbits"] or low_bits, a_clip=o["a_clip"],
                   wquant=method, rank=o["rank"], wgrid=wgrid)
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],

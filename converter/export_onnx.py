@@ -86,23 +86,44 @@ def _signed_codes(qt: QuantizedTensor) -> np.ndarray:
     return (qt.codes.to(torch.int32) - qt.spec.zero_point).numpy()
 
 
-def _matmulnbits_weight(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(B uint8 [N, blocks, blob], scales float32 [N·blocks], attrs) of a symmetric block grid:
-    MatMulNBits' default zero point 2^(bits−1) reproduces value = d·(q − zero_point) exactly."""
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 [..., n] codes in [0, 15] → [..., ceil(n / 2)] bytes, low nibble first (MatMulNBits' order)."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _matmulnbits_weight(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """(B uint8 [N, blocks, blob], scales float32 [N·blocks], zero points or None, attrs) of a block grid.
+
+    Symmetric grids leave out the zero points: MatMulNBits' default 2^(bits−1) reproduces
+    value = d·(q − zero_point) exactly. Integer-zero-point grids store theirs, value = d·(q − z),
+    packed per row as MatMulNBits reads them (uint8 [N · ceil(blocks·bits/8)])."""
     N, K = qt.shape
     bits = 4 if qt.spec.bits <= 4 else 8
     block = qt.spec.group_for(K)
     if block not in MATMULNBITS_BLOCKS:
         raise RespinError(f"MatMulNBits needs a block size in {MATMULNBITS_BLOCKS} (grid {qt.spec.name} has {block})")
-    unsigned = (_signed_codes(qt) + 2 ** (bits - 1)).astype(np.uint8)
+    zero_points = None
+    if qt.spec.integer_zero_point:
+        unsigned = qt.codes.numpy().astype(np.uint8)
+        z = qt.offset.numpy().astype(np.uint8)
+        pad = z[:, -1:]  # padding codes equal the last block's zero point: they dequantize to 0
+        zero_points = (_pack_nibbles(z) if bits == 4 else z).reshape(-1)
+    elif qt.spec.symmetric:
+        unsigned = (_signed_codes(qt) + 2 ** (bits - 1)).astype(np.uint8)
+        pad = np.full((N, 1), 2 ** (bits - 1), np.uint8)
+    else:
+        raise RespinError(f"grid {qt.spec.name}: MatMulNBits stores value = d·(q − z) with an integer z; "
+                          "a float min (Q4_1) has no exact form there")
     blocks = -(-K // block)
-    padded = np.full((N, blocks * block), 2 ** (bits - 1), np.uint8)  # padding dequantizes to 0
+    padded = np.repeat(pad, blocks * block, axis=1)
     padded[:, :K] = unsigned
     if bits == 4:
-        padded = padded[:, 0::2] | (padded[:, 1::2] << 4)
+        padded = _pack_nibbles(padded)
     B = padded.reshape(N, blocks, -1)
     scales = qt.scale.float().numpy().astype(np.float32).reshape(-1)
-    return B, scales, {"K": K, "N": N, "bits": bits, "block_size": block}
+    return B, scales, zero_points, {"K": K, "N": N, "bits": bits, "block_size": block}
 
 
 def _qmatmul_weight(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -143,9 +164,11 @@ class DecoderBuilder:
                 bias = None
             y = g.custom("QMatMul", inputs, name=stem, **attrs)
         else:
-            B, scales, attrs = _matmulnbits_weight(qt)
-            y = g.op("MatMulNBits", [x, g.initializer(f"{stem}.qweight", B), g.initializer(f"{stem}.scales", scales)],
-                     name=stem, domain=MS_DOMAIN, **attrs)
+            B, scales, zero_points, attrs = _matmulnbits_weight(qt)
+            inputs = [x, g.initializer(f"{stem}.qweight", B), g.initializer(f"{stem}.scales", scales)]
+            if zero_points is not None:
+                inputs.append(g.initializer(f"{stem}.zero_points", zero_points))
+            y = g.op("MatMulNBits", inputs, name=stem, domain=MS_DOMAIN, **attrs)
         if bias is not None:
             y = g.op("Add", [y, g.initializer(f"{stem}.bias", bias.detach().float().numpy())])
         return y

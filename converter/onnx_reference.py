@@ -49,6 +49,10 @@ def _matmul_attrs(path: Path) -> dict[str, dict]:
     return out
 
 
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    return np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+
+
 def _dequantize(stem: str, inits: dict, attrs: dict) -> np.ndarray | None:
     """float32 [out, in] of a linear from its initializers (None if the graph has no such linear)."""
     if f"{stem}.weight_t" in inits:
@@ -59,14 +63,18 @@ def _dequantize(stem: str, inits: dict, attrs: dict) -> np.ndarray | None:
     a, B, scales = attrs.get(qname), inits[qname], inits[f"{stem}.scales"]
     if a is None:  # 8-bit codes dequantized by constant folding in the graph
         return np.repeat(scales, B.shape[1] // scales.shape[1], axis=1) * B.astype(np.float32)
-    if "block_size" in a:  # MatMulNBits: unsigned codes, default zero point 2^(bits-1)
+    if "block_size" in a:  # MatMulNBits: unsigned codes, zero points stored or 2^(bits-1)
         N, K, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
-        codes = B.reshape(N, -1)
-        if bits == 4:
-            codes = np.stack([codes & 15, codes >> 4], -1).reshape(N, -1)
-        signed = codes.astype(np.float32) - 2 ** (bits - 1)
+        codes = _unpack_nibbles(B.reshape(N, -1)) if bits == 4 else B.reshape(N, -1)
+        blocks = codes.shape[1] // block
+        z = inits.get(f"{stem}.zero_points")
+        if z is None:
+            z = np.full((N, blocks), 2 ** (bits - 1), np.uint8)
+        elif bits == 4:
+            z = _unpack_nibbles(z.reshape(N, -1))[:, :blocks]
+        z = np.repeat(z.reshape(N, blocks).astype(np.float32), block, axis=1)
         d = np.repeat(scales.reshape(N, -1), block, axis=1)
-        return (d * signed)[:, :K]
+        return (d * (codes.astype(np.float32) - z))[:, :K]
     K, bits, group = a["K"], a["bits"], a.get("group_size", 0)
     codes = reference.unpack_int4(B, K) if bits == 4 else B
     d = np.repeat(scales, group or K, axis=1)[:, :K]

@@ -24,15 +24,19 @@ from rotations.rotations import LEARNED_KINDS
 logger = logging.getLogger(__name__)
 
 # W4A16 weights: MatMulNBits blocks on a symmetric grid (Q4_0's, fp16 scales: the GGUF grid too;
-# --group-size picks "q4_0_g64" etc.)
+# --group-size picks "q4_0_g64" etc.), or with --asym an integer zero point per block ("q4_zp")
 A16_WEIGHT_GRID = {4: "q4_0", 8: "q8_0"}
+A16_ASYM_GRID = "q4_zp"
 
 
-def a16_weight_grid(wbits: int, group_size: int) -> str:
-    """The W4A16/W8A16 grid name for a MatMulNBits block size, e.g. (4, 128) → "q4_0_g128"."""
+def a16_weight_grid(wbits: int, group_size: int, asym: bool = False) -> str:
+    """The W4A16/W8A16 grid name for a MatMulNBits block size, e.g. (4, 128) → "q4_0_g128",
+    (4, 32, asym) → "q4_zp_g32"."""
     if group_size not in MATMULNBITS_BLOCKS:
         raise RespinError(f"--group-size must be one of {', '.join(map(str, MATMULNBITS_BLOCKS))} (got {group_size})")
-    return f"{A16_WEIGHT_GRID[4 if wbits <= 4 else 8]}_g{group_size}"
+    if asym and wbits != 4:
+        raise RespinError(f"asymmetric MatMulNBits blocks are 4-bit only (got --wbits {wbits})")
+    return f"{A16_ASYM_GRID if asym else A16_WEIGHT_GRID[4 if wbits <= 4 else 8]}_g{group_size}"
 
 
 def onnx_sim_spec(spec: SimSpec) -> SimSpec:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from converter.quantization.grids import (GridSpec, QuantizationError, QuantizedTensor, dequantize_codes,
-                                          fit_group_params, quantize_with_params)
+                                          fit_group_params, fit_super_block_params, quantize_with_params)
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,16 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
     """
     out, n_in = w.shape
     gs = spec.group_for(n_in)
-    # Groups wider than a lazy block (per-channel grids) are fitted up front, like act-order's.
-    static_groups = cfg.act_order or gs > cfg.block_size
-    if not static_groups and cfg.block_size % gs:
-        raise QuantizationError(f"GPTQ on {spec.name}: block_size {cfg.block_size} must be a multiple of "
-                                f"group_size {gs}")
+    # Params are fitted per "fit unit": a group, or a whole super-block of a K-quant (its groups share
+    # the fp16 super-scale). Units wider than a lazy block (per-channel grids) are fitted up front.
+    unit = spec.super_block or gs
+    if spec.super_block and n_in % unit:
+        raise QuantizationError(f"GPTQ on {spec.name}: the input dim must be a multiple of {unit} (got {n_in})")
+    block_size = -(-cfg.block_size // unit) * unit if spec.super_block else cfg.block_size
+    static_groups = cfg.act_order or unit > block_size
+    if not static_groups and block_size % unit:
+        raise QuantizationError(f"GPTQ on {spec.name}: block_size {block_size} must be a multiple of "
+                                f"group_size {unit}")
     if tuple(H.shape) != (n_in, n_in):
         raise QuantizationError(f"GPTQ: Hessian {tuple(H.shape)} does not match weight {tuple(w.shape)}")
     W = w.detach().to(torch.float64).clone()
@@ -115,17 +120,32 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
     n_groups = -(-n_in // gs)  # the last group may be shorter (MatMulNBits pads it)
     scale = torch.zeros(out, n_groups, dtype=torch.float32, device=W.device)
     offset = None if spec.symmetric else torch.zeros_like(scale)
+    n_super = n_in // unit if spec.super_block else 0
+    super_scale = torch.zeros(out, n_super, dtype=torch.float32, device=W.device) if n_super else None
+    super_min = None if super_scale is None or spec.symmetric else torch.zeros_like(super_scale)
+    importance = torch.diag(H).float()
 
-    def fit(g: int, group_w: torch.Tensor) -> None:
-        d, m = fit_group_params(group_w, spec, clip_search=cfg.clip_search)
-        scale[:, g] = d
+    def fit(u: int, unit_w: torch.Tensor) -> None:
+        """Params of fit unit u from its columns unit_w [out, ≤ unit]."""
+        if not spec.super_block:
+            d, m = fit_group_params(unit_w, spec, clip_search=cfg.clip_search)
+            scale[:, u] = d
+            if offset is not None:
+                offset[:, u] = m
+            return
+        per = spec.groups_per_super_block
+        d, m, D, Dm = fit_super_block_params(unit_w, spec, clip_search=cfg.clip_search,
+                                             importance=importance[u * unit:(u + 1) * unit])
+        scale[:, u * per:(u + 1) * per] = d
+        super_scale[:, u] = D
         if offset is not None:
-            offset[:, g] = m
+            offset[:, u * per:(u + 1) * per] = m
+            super_min[:, u] = Dm
 
     perm = torch.arange(n_in, device=W.device)
     if static_groups:
-        for g in range(n_groups):  # fitted on the original weights
-            fit(g, W[:, g * gs : (g + 1) * gs])
+        for u in range(-(-n_in // unit)):  # fitted on the original weights
+            fit(u, W[:, u * unit : (u + 1) * unit])
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -134,15 +154,15 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
     Hinv = _inverse_hessian_cholesky(H, cfg.percdamp)
     codes = torch.zeros(out, n_in, dtype=torch.int16, device=W.device)  # in processing order
 
-    for i1 in range(0, n_in, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, n_in)
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            if not static_groups and (i1 + i) % gs == 0:
-                # fitted on the group's weights as updated so far (block_size is a multiple of gs)
-                fit((i1 + i) // gs, W1[:, i : i + gs])
+            if not static_groups and (i1 + i) % unit == 0:
+                # fitted on the unit's weights as updated so far (block_size is a multiple of the unit)
+                fit((i1 + i) // unit, W1[:, i : i + unit].float())
             g = group_of[i1 + i]
             d = scale[:, g : g + 1]
             m = None if offset is None else offset[:, g : g + 1]
@@ -154,4 +174,4 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: GridSpec, cfg: GPTQCon
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     codes = codes[:, torch.argsort(perm)]
-    return QuantizedTensor(codes, scale, offset, spec)
+    return QuantizedTensor(codes, scale, offset, spec, super_scale, super_min)

@@ -4,16 +4,52 @@
 // x·(H_{2^k} ⊗ H_m) = vec(H_{2^k}ᵀ X H_m) and H_{2^k} is symmetric, so each row costs
 // O(n·m) for X·H_m (H_m on the right, not transposed: Paley I cores are not symmetric) plus
 // O(n log 2^k) for the Sylvester butterfly over the 2^k axis. Accumulation in float32.
+#include <algorithm>
 #include <cmath>
 
 #include "hadamard_construction.h"
 #include "ort_op.h"
 #include "respin_ops.h"
+#include "simd.h"
 
 namespace respin {
 namespace {
 
 constexpr int64_t kMaxCore = 4096;  // H_m is held as float [m, m]; larger cores are refused
+
+// y = x·H_n/√n for one row of n = pow2·m floats (x and y do not alias); core = H_m [m, m].
+// The vectorized axis is always the one written (no float sum is reassociated), so the ISA clones
+// agree bit for bit.
+RESPIN_TARGET_CLONES
+void TransformRow(const float* x, float* y, int64_t n, int64_t m, int64_t pow2, const float* core, float scale) {
+  if (m == 1) {
+    std::copy_n(x, n, y);
+  } else {
+    for (int64_t a = 0; a < pow2; ++a) {  // y[a, :] = x[a, :]·H_m
+      const float* xa = x + a * m;
+      float* ya = y + a * m;
+      std::fill_n(ya, m, 0.0f);
+      for (int64_t b = 0; b < m; ++b) {
+        const float xv = xa[b];
+        const float* hb = core + b * m;
+        for (int64_t d = 0; d < m; ++d) ya[d] += xv * hb[d];
+      }
+    }
+  }
+  for (int64_t h = 1; h < pow2; h *= 2) {  // Sylvester butterfly: one H_2 per bit of the 2^k index
+    const int64_t span = h * m;
+    for (int64_t base = 0; base < pow2; base += 2 * h) {
+      float* lo = y + base * m;
+      float* hi = lo + span;
+      for (int64_t i = 0; i < span; ++i) {
+        const float u = lo[i], v = hi[i];
+        lo[i] = u + v;
+        hi[i] = u - v;
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) y[i] *= scale;
+}
 
 struct HadamardKernel : KernelBase<HadamardKernel> {
   static constexpr const char* kName = "Hadamard";
@@ -51,37 +87,6 @@ struct HadamardKernel : KernelBase<HadamardKernel> {
     if (const auto x = si.Input(0)) si.SetOutput(0, kFloat, *x);
   }
 
-  // y = x·H_n/√n for one row of n floats (x and y do not alias).
-  void TransformRow(const float* x, float* y) const {
-    if (m == 1) {
-      for (int64_t i = 0; i < n; ++i) y[i] = x[i];
-    } else {
-      for (int64_t a = 0; a < pow2; ++a) {  // y[a, :] = x[a, :]·H_m
-        const float* xa = x + a * m;
-        float* ya = y + a * m;
-        for (int64_t d = 0; d < m; ++d) ya[d] = 0.0f;
-        for (int64_t b = 0; b < m; ++b) {
-          const float xv = xa[b];
-          const float* hb = core.data() + b * m;
-          for (int64_t d = 0; d < m; ++d) ya[d] += xv * hb[d];
-        }
-      }
-    }
-    for (int64_t h = 1; h < pow2; h *= 2) {  // Sylvester butterfly: one H_2 per bit of the 2^k index
-      const int64_t span = h * m;
-      for (int64_t base = 0; base < pow2; base += 2 * h) {
-        float* lo = y + base * m;
-        float* hi = lo + span;
-        for (int64_t i = 0; i < span; ++i) {
-          const float u = lo[i], v = hi[i];
-          lo[i] = u + v;
-          hi[i] = u - v;
-        }
-      }
-    }
-    for (int64_t i = 0; i < n; ++i) y[i] *= scale;
-  }
-
   Ort::Status Compute(Ort::KernelContext& ctx) {
     const Input x = ReadInput(ctx, 0);
     RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
@@ -94,7 +99,7 @@ struct HadamardKernel : KernelBase<HadamardKernel> {
     const float* xd = x.as<float>();
     return ParallelFor(ctx, tasks, [&](size_t t) {
       const auto [r0, r1] = TaskRange(t, tasks, rows);
-      for (int64_t r = r0; r < r1; ++r) TransformRow(xd + r * n, y + r * n);
+      for (int64_t r = r0; r < r1; ++r) TransformRow(xd + r * n, y + r * n, n, m, pow2, core.data(), scale);
     });
   }
 };

@@ -7,9 +7,36 @@
 
 #include "ort_op.h"
 #include "respin_ops.h"
+#include "simd.h"
 
 namespace respin {
 namespace {
+
+// y = x + ((x·Q)·M)·Qᵀ for one row; t and u are scratch [r]. Every float sum runs in the same
+// order on every ISA (the vectorized axis is the one written, never a reduction), so the clones
+// agree bit for bit.
+RESPIN_TARGET_CLONES
+void CorrectRow(const float* x, float* y, const float* Q, const float* M, const float* Qt, int64_t D, int64_t r,
+                float* t, float* u) {
+  std::fill_n(t, r, 0.0f);
+  for (int64_t d = 0; d < D; ++d) {  // t = x·Q
+    const float v = x[d];
+    const float* qd = Q + d * r;
+    for (int64_t j = 0; j < r; ++j) t[j] += v * qd[j];
+  }
+  std::fill_n(u, r, 0.0f);
+  for (int64_t j = 0; j < r; ++j) {  // u = t·M
+    const float v = t[j];
+    const float* mj = M + j * r;
+    for (int64_t l = 0; l < r; ++l) u[l] += v * mj[l];
+  }
+  std::copy_n(x, D, y);
+  for (int64_t j = 0; j < r; ++j) {  // y = x + u·Qᵀ
+    const float v = u[j];
+    const float* qj = Qt + j * D;
+    for (int64_t d = 0; d < D; ++d) y[d] += v * qj[d];
+  }
+}
 
 struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
   static constexpr const char* kName = "ResidualCorrection";
@@ -76,29 +103,9 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
     const size_t tasks = TaskCount(rows, 2 * D * r + r * r);
     return ParallelFor(ctx, tasks, [&](size_t task) {
       const auto [r0, r1] = TaskRange(task, tasks, rows);
-      std::vector<float> t(r), u(r);
-      for (int64_t i = r0; i < r1; ++i) {
-        const float* xi = xd + i * D;
-        float* yi = y + i * D;
-        std::fill(t.begin(), t.end(), 0.0f);
-        for (int64_t d = 0; d < D; ++d) {  // t = x·Q
-          const float v = xi[d];
-          const float* qd = Q + d * r;
-          for (int64_t j = 0; j < r; ++j) t[j] += v * qd[j];
-        }
-        std::fill(u.begin(), u.end(), 0.0f);
-        for (int64_t j = 0; j < r; ++j) {  // u = t·M
-          const float v = t[j];
-          const float* mj = M + j * r;
-          for (int64_t l = 0; l < r; ++l) u[l] += v * mj[l];
-        }
-        for (int64_t d = 0; d < D; ++d) yi[d] = xi[d];
-        for (int64_t j = 0; j < r; ++j) {  // y = x + u·Qᵀ
-          const float v = u[j];
-          const float* qj = Qt + j * D;
-          for (int64_t d = 0; d < D; ++d) yi[d] += v * qj[d];
-        }
-      }
+      std::vector<float> scratch(2 * r);
+      for (int64_t i = r0; i < r1; ++i)
+        CorrectRow(xd + i * D, y + i * D, Q, M, Qt, D, r, scratch.data(), scratch.data() + r);
     });
   }
 };

@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from tiny_models import tiny_model
 
 from converter.arch import ModelShape
+from converter.errors import RespinError
 from converter.export_onnx import OnnxGraphConfig, _matmulnbits_weight, build_decoder
+from converter.onnx_reference import load_reference
 from converter.onnx_runtime import OnnxDecoder
 from converter.quantization.calibrate import QuantConfig, load_quantized_weights, quantize_model
 from converter.quantization.grids import GridSpec
@@ -59,21 +61,52 @@ def test_graph_has_static_ranks_and_genai_io_names(tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size < 100_000 < (tmp_path / "model.onnx.data").stat().st_size
 
 
+def _matmulnbits_values(B, scales, zero_points, attrs, N):
+    """float32 [N, blocks·block] as the MatMulNBits spec defines it: (q − zero point) · scale."""
+    bits, block = attrs["bits"], attrs["block_size"]
+    unpack = lambda b: np.stack([b & 15, b >> 4], -1).reshape(N, -1) if bits == 4 else b.reshape(N, -1)  # noqa: E731
+    codes = unpack(B.reshape(N, -1))
+    blocks = codes.shape[1] // block
+    z = np.full((N, blocks), 2 ** (bits - 1)) if zero_points is None else unpack(zero_points.reshape(N, -1))[:, :blocks]
+    return (codes.astype(np.float32) - np.repeat(z, block, 1)) * np.repeat(scales.reshape(N, -1), block, 1)
+
+
 @pytest.mark.parametrize("block", [16, 32, 64])
 def test_matmulnbits_weights_dequantize_exactly_to_our_codes(block):
     w = torch.randn(24, 128)
+    w[3] = w[3].abs()  # an all-positive row: its zero point is 0
     for spec in (GridSpec("q4", bits=4, symmetric=True, group_size=block, zero_point=8, signed_max=True),
-                 GridSpec("q8", bits=8, symmetric=True, group_size=block)):
-        qt = rtn_quantize(w, spec)
-        B, scales, attrs = _matmulnbits_weight(qt)
-        codes = B.reshape(24, -1)
-        if attrs["bits"] == 4:
-            codes = np.stack([codes & 15, codes >> 4], -1).reshape(24, -1)
-        value = (codes.astype(np.float32) - 2 ** (attrs["bits"] - 1)) * np.repeat(scales.reshape(24, -1), block, 1)
+                 GridSpec("q8", bits=8, symmetric=True, group_size=block),
+                 GridSpec("q4zp", bits=4, symmetric=False, group_size=block, integer_zero_point=True)):
+        qt = rtn_quantize(w, spec, clip_search=True)
+        B, scales, zero_points, attrs = _matmulnbits_weight(qt)
+        assert (zero_points is None) == spec.symmetric
+        value = _matmulnbits_values(B, scales, zero_points, attrs, 24)
         np.testing.assert_array_equal(value[:, :128], qt.dequantize().numpy())
 
 
-@pytest.mark.parametrize("wtype", ["q4_0", "q4_0_g64", "q8_0_g128"])  # 96 = 64 + a padded block of 32
+def test_matmulnbits_zero_points_pad_a_short_last_block_and_odd_block_counts():
+    w = torch.randn(5, 96)  # block 64: one full block + a padded one; 2 blocks per row, packed in 1 byte
+    qt = rtn_quantize(w, GridSpec("q4zp", bits=4, symmetric=False, group_size=64, integer_zero_point=True))
+    B, scales, zero_points, attrs = _matmulnbits_weight(qt)
+    assert zero_points.shape == (5,) and B.shape == (5, 2, 32)
+    value = _matmulnbits_values(B, scales, zero_points, attrs, 5)
+    np.testing.assert_array_equal(value[:, :96], qt.dequantize().numpy())
+    assert np.all(value[:, 96:] == 0)  # the padding dequantizes to zero
+    # three blocks per row: zero points padded to whole bytes per row (N·ceil(3·4/8) = 10 bytes)
+    qt = rtn_quantize(torch.randn(5, 48), GridSpec("z", bits=4, symmetric=False, group_size=16, integer_zero_point=True))
+    B, scales, zero_points, attrs = _matmulnbits_weight(qt)
+    assert zero_points.shape == (10,)
+    np.testing.assert_array_equal(_matmulnbits_values(B, scales, zero_points, attrs, 5), qt.dequantize().numpy())
+
+
+def test_q4_1_has_no_exact_matmulnbits_form():
+    qt = rtn_quantize(torch.randn(4, 64), GridSpec("q4_1", bits=4, symmetric=False))
+    with pytest.raises(RespinError, match="float min"):
+        _matmulnbits_weight(qt)
+
+
+@pytest.mark.parametrize("wtype", ["q4_0", "q4_0_g64", "q8_0_g128", "q4_zp", "q4_zp_g64"])  # 96 = 64 + a padded 32
 def test_w4a16_graph_matches_torch_with_the_same_dequantized_weights(tmp_path, wtype):
     model = _folded("llama")
     qmodel = quantize_model(model, QuantConfig(method="rtn", wtype=wtype))
@@ -94,11 +127,20 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_cli_exports_w4a16_folder_that_generates_and_genai_loads(tiny_hf_dirs, tmp_path):
+@pytest.mark.parametrize("grid_args", [(), ("--asym", "--group-size", 64)], ids=["q4_0", "asym-g64"])
+def test_cli_exports_w4a16_folder_that_generates_and_genai_loads(tiny_hf_dirs, tmp_path, grid_args):
     out, report = tmp_path / "onnx", tmp_path / "r.json"
     result = _cli(tiny_hf_dirs["llama"], "--to", "onnx", "--rotate", "hadamard", "-o", out, "--calib-samples", 4,
-                  "--calib-seq-len", 32, "--eval", "--eval-tokens", 128, "--eval-ctx", 64, "--report", report)
+                  "--calib-seq-len", 32, "--eval", "--eval-tokens", 128, "--eval-ctx", 64, "--report", report, *grid_args)
     assert result.exit_code == 0, result.output
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all((len(n.input) == 4) == bool(grid_args) for n in nbits)  # zero points iff --asym
+    # the torch reference rebuilt from the folder's initializers is the model that was exported
+    rebuilt, _ = load_reference(out)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        np.testing.assert_allclose(OnnxDecoder(out).logits(ids.numpy()), rebuilt(ids).logits.numpy(), rtol=0, atol=1e-3)
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json"} <= {p.name for p in out.iterdir()}
     data = json.loads(report.read_text())
     parity = data["validation"]["parity"]["functions"]
@@ -123,6 +165,8 @@ def test_cli_exports_w4a16_folder_that_generates_and_genai_loads(tiny_hf_dirs, t
 def test_cli_refuses_bad_onnx_outputs(tiny_hf_dirs, tmp_path):
     result = _cli(tiny_hf_dirs["llama"], "--to", "onnx", "-o", tmp_path / "model.onnx")
     assert result.exit_code == 2 and "directory" in result.output
+    result = _cli(tiny_hf_dirs["llama"], "--to", "onnx", "--asym", "--wbits", "8", "-o", tmp_path / "o8")
+    assert result.exit_code == 2 and "--asym" in result.output
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")

@@ -156,3 +156,24 @@ def test_a_group_size_that_does_not_divide_the_row_leaves_a_shorter_last_group(n
         signed_max = torch.gather(tail, 1, tail.abs().argmax(1, keepdim=True))[:, 0]
         torch.testing.assert_close(qt.scale[:, -1], (signed_max / -8).half().float())
         assert (qt.dequantize() - w).abs().max() <= qt.scale.abs().max() + 1e-6  # Q4_0 clips one side by a step
+
+
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_integer_zero_point_grid_holds_zero_and_its_range(clip_search: bool) -> None:
+    """q4_zp (MatMulNBits with zero points): value = d·(q − z), z an integer in [0, 15] per group."""
+    spec = grid("q4_zp")
+    w = weights((33, 256), seed=7)
+    qt = rtn_quantize(w, spec, clip_search=clip_search)
+    z = qt.offset
+    assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 15
+    assert qt.codes.min() >= 0 and qt.codes.max() <= 15
+    assert torch.all(qt.dequantize()[1] == 0) and torch.all(qt.dequantize()[0, 32:64] == 0)
+    assert torch.all(z[2, 0] == 0)  # an all-positive group: the range is widened to hold 0, z = 0
+    # 0 is always on the grid: quantizing exact zeros gives back exact zeros in every group
+    zeros = torch.zeros(33, 256)
+    scale = qt.scale.repeat_interleave(32, dim=1)
+    offset = z.repeat_interleave(32, dim=1)
+    assert torch.all(dequantize_codes(quantize_with_params(zeros, scale, offset, spec), scale, offset, spec) == 0)
+    if not clip_search:  # without clipping every weight lies within half a step of its grid value
+        err = (w - qt.dequantize()).abs()
+        assert torch.all(err <= scale / 2 * (1 + 1e-5) + 1e-9)
