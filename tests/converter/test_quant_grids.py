@@ -133,7 +133,7 @@ def test_generic_grid_rtn_and_no_gguf_type() -> None:
 def test_registry_and_validation_errors() -> None:
     assert grid("Q4_1") is grid("q4_1")
     with pytest.raises(ValueError, match="supported: q4_0, q4_1, q8_0"):
-        grid("q3_k")
+        grid("q7_k")
     with pytest.raises(ValueError, match="multiple of 32"):  # a shorter last group has no GGUF block
         to_gguf_blocks(rtn_quantize(torch.zeros(4, 48), grid("q4_0")))
     raw = rtn_quantize(weights((4, 64), seed=6), unrounded(grid("q8_0")))
