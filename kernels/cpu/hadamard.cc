@@ -17,24 +17,33 @@ namespace {
 
 constexpr int64_t kMaxCore = 4096;  // H_m is held as float [m, m]; larger cores are refused
 
-// y = x·H_n/√n for one row of n = pow2·m floats (x and y do not alias); core = H_m [m, m].
-// The vectorized axis is always the one written (no float sum is reassociated), so the ISA clones
-// agree bit for bit.
+// y = x·H_n/√n for one row of n = pow2·m floats (x and y do not alias); core = H_m [m, m];
+// scratch holds 2n floats. The vectorized axis is always the one written (no float sum is
+// reassociated), so the ISA clones agree bit for bit.
 RESPIN_TARGET_CLONES
-void TransformRow(const float* x, float* y, int64_t n, int64_t m, int64_t pow2, const float* core, float scale) {
+void TransformRow(const float* x, float* y, int64_t n, int64_t m, int64_t pow2, const float* core, float scale,
+                  float* scratch) {
   if (m == 1) {
     std::copy_n(x, n, y);
   } else {
-    for (int64_t a = 0; a < pow2; ++a) {  // y[a, :] = x[a, :]·H_m
-      const float* xa = x + a * m;
-      float* ya = y + a * m;
-      std::fill_n(ya, m, 0.0f);
+    // Y = X·H_m for X viewed as [2^k, m], computed column-major: Yᵀ[d, :] = Σ_b H[b, d]·Xᵀ[b, :], so
+    // the vector loops run over the 2^k rows instead of the short core (m = 12 for n = 1536). Each
+    // element is still 0 + Σ_b in ascending b: the same operations as the row-major product.
+    float* xt = scratch;
+    float* yt = scratch + n;
+    for (int64_t a = 0; a < pow2; ++a)
+      for (int64_t b = 0; b < m; ++b) xt[b * pow2 + a] = x[a * m + b];
+    for (int64_t d = 0; d < m; ++d) {
+      float* out = yt + d * pow2;
+      std::fill_n(out, pow2, 0.0f);
       for (int64_t b = 0; b < m; ++b) {
-        const float xv = xa[b];
-        const float* hb = core + b * m;
-        for (int64_t d = 0; d < m; ++d) ya[d] += xv * hb[d];
+        const float h = core[b * m + d];
+        const float* xb = xt + b * pow2;
+        for (int64_t a = 0; a < pow2; ++a) out[a] += xb[a] * h;
       }
     }
+    for (int64_t a = 0; a < pow2; ++a)
+      for (int64_t d = 0; d < m; ++d) y[a * m + d] = yt[d * pow2 + a];
   }
   for (int64_t h = 1; h < pow2; h *= 2) {  // Sylvester butterfly: one H_2 per bit of the 2^k index
     const int64_t span = h * m;
@@ -99,7 +108,9 @@ struct HadamardKernel : KernelBase<HadamardKernel> {
     const float* xd = x.as<float>();
     return ParallelFor(ctx, tasks, [&](size_t t) {
       const auto [r0, r1] = TaskRange(t, tasks, rows);
-      for (int64_t r = r0; r < r1; ++r) TransformRow(xd + r * n, y + r * n, n, m, pow2, core.data(), scale);
+      std::vector<float> scratch(m == 1 ? 0 : 2 * n);
+      for (int64_t r = r0; r < r1; ++r)
+        TransformRow(xd + r * n, y + r * n, n, m, pow2, core.data(), scale, scratch.data());
     });
   }
 };

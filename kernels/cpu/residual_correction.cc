@@ -18,11 +18,24 @@ namespace {
 RESPIN_TARGET_CLONES
 void CorrectRow(const float* x, float* y, const float* Q, const float* M, const float* Qt, int64_t D, int64_t r,
                 float* t, float* u) {
-  std::fill_n(t, r, 0.0f);
-  for (int64_t d = 0; d < D; ++d) {  // t = x·Q
-    const float v = x[d];
-    const float* qd = Q + d * r;
-    for (int64_t j = 0; j < r; ++j) t[j] += v * qd[j];
+  constexpr int64_t kLanes = 16;  // t = x·Q in register-sized chunks of 16 outputs (d ascending per output)
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= r; j0 += kLanes) {
+    float acc[kLanes] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = x[d];
+      const float* qd = Q + d * r + j0;
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += v * qd[l];
+    }
+    std::copy_n(acc, kLanes, t + j0);
+  }
+  if (j0 < r) {
+    std::fill_n(t + j0, r - j0, 0.0f);
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = x[d];
+      const float* qd = Q + d * r;
+      for (int64_t j = j0; j < r; ++j) t[j] += v * qd[j];
+    }
   }
   std::fill_n(u, r, 0.0f);
   for (int64_t j = 0; j < r; ++j) {  // u = t·M
@@ -30,11 +43,22 @@ void CorrectRow(const float* x, float* y, const float* Q, const float* M, const 
     const float* mj = M + j * r;
     for (int64_t l = 0; l < r; ++l) u[l] += v * mj[l];
   }
-  std::copy_n(x, D, y);
-  for (int64_t j = 0; j < r; ++j) {  // y = x + u·Qᵀ
+  int64_t d0 = 0;  // y = x + u·Qᵀ in chunks of 16 outputs held in registers (j ascending per output)
+  for (; d0 + kLanes <= D; d0 += kLanes) {
+    float acc[kLanes];
+    std::copy_n(x + d0, kLanes, acc);
+    for (int64_t j = 0; j < r; ++j) {
+      const float v = u[j];
+      const float* qj = Qt + j * D + d0;
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += v * qj[l];
+    }
+    std::copy_n(acc, kLanes, y + d0);
+  }
+  std::copy_n(x + d0, D - d0, y + d0);
+  for (int64_t j = 0; j < r; ++j) {
     const float v = u[j];
     const float* qj = Qt + j * D;
-    for (int64_t d = 0; d < D; ++d) y[d] += v * qj[d];
+    for (int64_t d = d0; d < D; ++d) y[d] += v * qj[d];
   }
 }
 
