@@ -78,6 +78,26 @@ def all_specs() -> list[Spec]:
     # learned R1/R2 (trained for Q4_0 RTN weights, the CLI's defaults), then GPTQ; the convert time includes training
     specs.append(Spec("ours-q4_0-gptq-spinquant", "ours Q4_0 GPTQ+SpinQuant", "ours", "q4_0", "spinquant", "gptq",
                       cli_args=("--wtype", "q4_0", "--rotate", "spinquant", "--quant", "gptq")))
+    specs += kquant_specs()
+    return specs
+
+
+K_MIXTURES = ("Q4_K_M", "Q3_K_M", "Q2_K")  # issue 6: llama.cpp's mixtures, theirs vs ours tensor-type for tensor-type
+
+
+def kquant_specs() -> list[Spec]:
+    """llama.cpp's own K mixtures (with and without imatrix) and ours: GPTQ onto the same per-tensor
+    grids, without rotation, with Hadamard R1/R2 and with learned SpinQuant R1/R2."""
+    specs = []
+    for ftype in K_MIXTURES:
+        low = ftype.lower()
+        if ftype != "Q4_K_M":  # Q4_K_M's llama.cpp rows are listed with the Q4 rows above
+            specs.append(Spec(f"llamacpp-{low}", f"llama.cpp {ftype}", "llama.cpp", ftype, quant="llama-quantize"))
+            specs.append(Spec(f"llamacpp-{low}-imatrix", f"llama.cpp {ftype}+imatrix", "llama.cpp", ftype,
+                              quant="llama-quantize+imatrix", imatrix=True))
+        for rotate, label in (("none", ""), ("hadamard", "+Hadamard"), ("spinquant", "+SpinQuant")):
+            specs.append(Spec(f"ours-{low}-gptq-{rotate}", f"ours {ftype} GPTQ{label}", "ours", low, rotate, "gptq",
+                              cli_args=("--wtype", low, "--rotate", rotate, "--quant", "gptq")))
     return specs
 
 
@@ -463,6 +483,35 @@ def targets(rows: list[dict], fp_ppl: float) -> dict | None:
     return out
 
 
+def kquant_targets(rows: list[dict], fp_ppl: float) -> dict:
+    """Issue 6: ours vs llama.cpp+imatrix per mixture — Q4_K_M mean-KLD ratio (target ≤ 0.7) and
+    Q3_K_M PPL-gap ratio (target ≤ 0.7), with the bits per weight of both."""
+    by_slug = {r["slug"]: r for r in rows}
+    out = {}
+    for ftype in K_MIXTURES:
+        low = ftype.lower()
+        base = by_slug.get(f"llamacpp-{low}-imatrix")
+        ours = [r for r in rows if r["slug"].startswith(f"ours-{low}-")]
+        if base is None or not ours:
+            continue
+        best_kld = min(ours, key=lambda r: r["kld_mean"])
+        best_ppl = min(ours, key=lambda r: r["ppl"])
+        out[ftype] = {"llama.cpp+imatrix": {"ppl": base["ppl"], "kld_mean": base["kld_mean"], "bpw": base["bpw"]},
+                      "best_ours_kld": {"name": best_kld["name"], "kld_mean": best_kld["kld_mean"],
+                                        "bpw": best_kld["bpw"]},
+                      "best_ours_ppl": {"name": best_ppl["name"], "ppl": best_ppl["ppl"], "bpw": best_ppl["bpw"]},
+                      "kld_ratio": round(best_kld["kld_mean"] / base["kld_mean"], 4),
+                      "ppl_gap_ratio": round((best_ppl["ppl"] - fp_ppl) / (base["ppl"] - fp_ppl), 4),
+                      "bpw_rel_diff": round(best_kld["bpw"] / base["bpw"] - 1, 4)}
+    if "Q4_K_M" in out:
+        out["Q4_K_M"]["target"] = "kld_ratio <= 0.7"
+        out["Q4_K_M"]["target_met"] = out["Q4_K_M"]["kld_ratio"] <= 0.7
+    if "Q3_K_M" in out:
+        out["Q3_K_M"]["target"] = "ppl_gap_ratio <= 0.7"
+        out["Q3_K_M"]["target_met"] = out["Q3_K_M"]["ppl_gap_ratio"] <= 0.7
+    return out
+
+
 # --- main -------------------------------------------------------------------------------------
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -572,6 +621,7 @@ def assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, 
                   "llama.cpp's rows are llama-quantize of the same untied F32 file, so they also carry an untied "
                   "output (their own type choice per tensor); bpw_body excludes both tensors."),
         "targets": targets(rows, fp_ppl),
+        "kquant_targets": kquant_targets(rows, fp_ppl),
         "versions": {**(fp_report.get("versions") or {}), "llama.cpp": llama_cpp},
         "run_s": round(run_s, 1),  # this invocation only (cached steps cost nothing)
         "compute_s": _compute_s(rows, imatrix, parity_report),
@@ -623,6 +673,11 @@ def markdown_md(result: dict) -> str:
         lines += ["", f"Target (our best Q4_0 ≤ 0.5 × llama.cpp Q4_0's gap): PPL gap ratio "
                       f"{t['ppl_gap_ratio']:.2f} ({'met' if t['ppl_target_met'] else 'not met'}), mean-KLD ratio "
                       f"{t['kld_ratio']:.2f} ({'met' if t['kld_target_met'] else 'not met'})."]
+    for ftype, k in (result.get("kquant_targets") or {}).items():
+        goal = f" — target {k['target']}: {'met' if k['target_met'] else 'not met'}" if "target" in k else ""
+        lines.append(f"{ftype} vs llama.cpp {ftype}+imatrix ({k['llama.cpp+imatrix']['bpw']:.2f} bpw): best mean KLD "
+                     f"{k['best_ours_kld']['name']} {k['best_ours_kld']['kld_mean']:.4f} ({k['best_ours_kld']['bpw']:.2f} "
+                     f"bpw, ratio {k['kld_ratio']:.2f}); PPL-gap ratio {k['ppl_gap_ratio']:.2f}{goal}.")
     if result.get("missing"):
         lines += ["", f"**Partial results** — not measured yet: {', '.join(result['missing'])}."]
     for key, label in (("parity", "with activation-block emulation"), ("parity_fp32", "fp32 torch, no emulation")):

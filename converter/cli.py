@@ -13,7 +13,8 @@ from converter.errors import RespinError
 
 logger = logging.getLogger("converter")
 
-WTYPES = ("q4_0", "q4_1", "q8_0", "f32")
+WTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f32")
+MIXTURE_WTYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")  # = calibrate's
 HEAD_TYPES = ("q8_0", "q4_0", "q4_1")
 
 
@@ -127,7 +128,13 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--quant", "method", default="gptq", show_default=True,
               help="Weight quantizer: gptq (Hessian-aware, calibrated on the rotated model) | rtn (round to nearest).")
 @click.option("--wtype", default="q4_0", show_default=True,
-              help="GGUF type of the decoder linears: q4_0 | q4_1 | q8_0 | f32 (no quantization: the FP reference).")
+              help="GGUF type of the decoder linears: q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | f32 (no quantization: the FP "
+                   "reference); or a llama.cpp mixture q4_k_m | q4_k_s | q3_k_m | q3_k_s | q3_k_l | q5_k_m | q5_k_s | "
+                   "q6_k | q2_k: every tensor (head and embedding too) gets the type llama-quantize gives it, "
+                   "falling back as it does for rows not a multiple of 256, and GPTQ rounds onto each grid.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="GGUF: give tensors whose GGUF name matches the regex PATTERN the type TYPE (as llama-quantize's "
+                   "--tensor-type; repeatable, first match wins), e.g. 'ffn_down=q6_k'.")
 @click.option("--head-type", default="q8_0", show_default=True,
               help="GGUF type of the output head and token embedding (4-bit heads cause repetitive output).")
 @click.option("--act-order/--no-act-order", default=False, show_default=True,
@@ -174,8 +181,13 @@ def _convert(o: dict):
         target = "rotations" if rotate == "respin" else "gguf"
     output = o["output"] or Path({"rotations": "out/rotations.safetensors", "onnx": "out/onnx"}.get(target,
                                                                                                 "out/model.gguf"))
-    if wtype not in WTYPES:
-        raise _choice_error("--wtype", wtype, WTYPES)
+    if wtype not in WTYPES + MIXTURE_WTYPES:
+        raise _choice_error("--wtype", wtype, WTYPES + MIXTURE_WTYPES)
+    overrides = ()
+    if o["tensor_types"]:
+        from converter.quantization.llama_types import parse_tensor_type_override
+
+        overrides = tuple(parse_tensor_type_override(text) for text in o["tensor_types"])
     if head_type not in HEAD_TYPES:
         raise _choice_error("--head-type", head_type, HEAD_TYPES)
     from converter.llamacpp import KV_TYPES
@@ -215,7 +227,7 @@ def _convert(o: dict):
                         calib_samples=o["calib_samples"], calib_seq_len=o["calib_seq_len"], force=force,
                         validation=validation, rotations_path=o["rotations_path"], train=train,
                         train_samples=o["train_samples"], checkpoint=resume or o["checkpoint"],
-                        resume=resume is not None, sim=sim)
+                        resume=resume is not None, sim=sim, tensor_type_overrides=overrides)
     report = convert(cfg)
     if report_path is not None:
         write_report(report, report_path)

@@ -21,14 +21,21 @@ from converter import __version__
 from converter.arch import ArchAdapter, ModelShape
 from converter.gguf_tokenizer import tokenizer_kv_from_gguf, write_hf_tokenizer, write_tokenizer_kv
 from converter.loading import ModelSource
-from converter.quantization.calibrate import QuantizedModel
+from converter.quantization.calibrate import MIXTURE_WTYPES, QuantizedModel
 from converter.quantization.gguf_blocks import gguf_qtype, to_gguf_blocks
 from converter.quantization.grids import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
 FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32,
+              # llama.cpp's mixtures (converter.gguf_mixture): the file type llama-quantize writes for them
+              "q2_k": gguf.LlamaFileType.MOSTLY_Q2_K, "q3_k_s": gguf.LlamaFileType.MOSTLY_Q3_K_S,
+              "q3_k_m": gguf.LlamaFileType.MOSTLY_Q3_K_M, "q3_k_l": gguf.LlamaFileType.MOSTLY_Q3_K_L,
+              "q4_k_s": gguf.LlamaFileType.MOSTLY_Q4_K_S, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+              "q5_k_s": gguf.LlamaFileType.MOSTLY_Q5_K_S, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+              "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
+assert set(MIXTURE_WTYPES) <= set(FILE_TYPES)
 # transformers parameter name (within a layer) → llama.cpp tensor name
 LAYER_TENSOR_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -69,7 +76,9 @@ def rope_permute_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _permute_quantized(qt: QuantizedTensor, n_heads: int) -> QuantizedTensor:
     return QuantizedTensor(
         codes=rope_permute_rows(qt.codes, n_heads), scale=rope_permute_rows(qt.scale, n_heads),
-        offset=None if qt.offset is None else rope_permute_rows(qt.offset, n_heads), spec=qt.spec)
+        offset=None if qt.offset is None else rope_permute_rows(qt.offset, n_heads), spec=qt.spec,
+        super_scale=None if qt.super_scale is None else rope_permute_rows(qt.super_scale, n_heads),
+        super_min=None if qt.super_min is None else rope_permute_rows(qt.super_min, n_heads))
 
 
 def _rope_heads(hf_name: str, adapter: ArchAdapter, shape: ModelShape) -> int | None:
@@ -124,7 +133,7 @@ def _add_metadata(writer: gguf.GGUFWriter, adapter: ArchAdapter, shape: ModelSha
         writer.add_value_length(shape.head_dim)
     writer.add_layer_norm_rms_eps(shape.rms_eps)
     writer.add_vocab_size(shape.vocab)
-    writer.add_file_type(FILE_TYPES[qmodel.config.wtype])
+    writer.add_file_type(FILE_TYPES.get(qmodel.config.wtype, gguf.LlamaFileType.GUESSED))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string("respin.version", __version__)
     for key, value in cfg.provenance.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from converter import __version__
+from converter import __version__, gguf_mixture
 from converter.data import CorpusConfig, calibration_batches, evaluation_tokens, load_corpus
 from converter.errors import RespinError
 from converter.export_gguf import GGUFExportConfig, write_gguf
@@ -56,6 +56,7 @@ class ConvertConfig:
     checkpoint: Path | None = None  # None: next to the output
     resume: bool = False
     sim: SimSpec = field(default_factory=SimSpec)  # --to rotations: the simulated W·A·KV model
+    tensor_type_overrides: tuple[tuple[str, str], ...] = ()  # GGUF: (regex on GGUF names, GGML type), first match wins
 
     def __post_init__(self) -> None:
         if self.to not in EXPORT_TARGETS:
@@ -78,6 +79,8 @@ class ConvertConfig:
             raise RespinError(f"--to rotations writes a .safetensors rotations file (got {Path(self.output).name})")
         if self.resume and (self.checkpoint is None or not Path(self.checkpoint).is_file()):
             raise RespinError(f"--resume: no checkpoint at {self.checkpoint}")
+        if self.tensor_type_overrides and self.to != "gguf":
+            raise RespinError("--tensor-type applies to --to gguf")
         if self.resume and self.rotations_path is not None:
             raise RespinError("--resume continues training; --rotations re-applies finished rotations: pick one")
 
@@ -120,6 +123,17 @@ def obtain_rotations(cfg: ConvertConfig, loaded: LoadedModel, corpus, online: Si
         return learn_rotations(loaded, train, online, weight_grid, segments, checkpoint, cfg.resume)
 
 
+def training_grid(quant: QuantConfig):
+    """The weight grid learned rotations are trained for (with RTN-quantized weights): the file's
+    grid, or for a llama.cpp mixture the 32-block grid of its main precision (K-quants need rows
+    that are multiples of 256, which not every model has)."""
+    if not quant.quantizes:
+        return None
+    if gguf_mixture.is_mixture(quant.wtype):
+        return grid(gguf_mixture.TRAINING_GRIDS[quant.wtype[:2].lower()])
+    return grid(quant.wtype)
+
+
 def rotate_model(loaded: LoadedModel, rotations: Rotations | None) -> torch.nn.Module:
     """A canonicalized (folded, untied) copy with `rotations` fused (float64 inside): the GGUF's model."""
     return canonical_model(loaded, rotations, r4=False)
@@ -143,8 +157,7 @@ def convert(cfg: ConvertConfig) -> dict:
         return _finish(export_onnx(cfg, loaded, corpus, probe, timings), timings)
     # GGUF is weight-only and llama.cpp has no online R3/R4: rotations are trained for W-RTN on the file's grid
     online = SimQuantConfig.from_bits(16, 16, r3=False, r4=False)
-    rotations = obtain_rotations(cfg, loaded, corpus, online, grid(cfg.quant.wtype) if cfg.quant.quantizes else None,
-                                 timings)
+    rotations = obtain_rotations(cfg, loaded, corpus, online, training_grid(cfg.quant), timings)
     if rotations is not None and rotations.per_block:
         raise RespinError("per-block (ReSpinQuant) rotations cannot be fused into a GGUF file")
     if cfg.rotate in LEARNED_KINDS and cfg.rotations_path is None:
@@ -154,6 +167,7 @@ def convert(cfg: ConvertConfig) -> dict:
         fused = rotate_model(loaded, rotations)
         invariance = check_invariance(reference_logits, fused, probe, what=f"{cfg.rotate}-rotated model")
         del reference_logits
+    cfg = replace(cfg, quant=gguf_mixture.resolve(cfg.quant, fused, loaded.shape, cfg.tensor_type_overrides))
     calibration = None
     with timings.stage("quantize"):
         if cfg.quant.needs_calibration:
@@ -258,7 +272,7 @@ def _provenance(cfg: ConvertConfig, rotations: Rotations | None, qmodel: Quantiz
         "quant.method": q.method if q.quantizes else "none",
         "quant.wtype": q.wtype,
         "quant.head_type": q.head_type,
-        "quant.group_size": 32,
+        "quant.group_size": "mixture" if q.tensor_grids else 32,
         "calibration.text": f"{corpus.source} (calibration split: {corpus.rule})",
         "calibration.sha256": corpus.calibration_sha256,
         "calibration.tokens": qmodel.n_calibration_tokens,

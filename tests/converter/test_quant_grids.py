@@ -14,7 +14,8 @@ from converter.quantization.grids import (GridSpec, QuantizedTensor, dequantize_
                                           quantize_with_params)
 from converter.quantization.rtn import rtn_quantize
 
-GGUF_GRIDS = ["q4_0", "q4_1", "q8_0"]
+GGUF_GRIDS = ["q4_0", "q4_1", "q8_0", "q5_0", "q5_1"]
+K_GRIDS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]  # super-blocks of 256
 SHAPES = [(7, 64), (3, 96), (33, 256)]
 
 
@@ -177,3 +178,46 @@ def test_integer_zero_point_grid_holds_zero_and_its_range(clip_search: bool) -> 
     if not clip_search:  # without clipping every weight lies within half a step of its grid value
         err = (w - qt.dequantize()).abs()
         assert torch.all(err <= scale / 2 * (1 + 1e-5) + 1e-9)
+
+
+@pytest.mark.parametrize("method", ["rtn", "rtn-clip", "gptq"])
+@pytest.mark.parametrize("name", K_GRIDS)
+def test_k_quant_blocks_dequantize_bit_exact_and_round_trip(name: str, method: str) -> None:
+    """K-quants: GPTQ/RTN codes + integer sub-block scales under fp16 super-scales, packed into
+    llama.cpp's super-block bytes, dequantize with gguf.quants exactly to our values."""
+    from converter.quantization.gptq import GPTQConfig, gptq_quantize
+
+    w = weights((9, 512), seed=11)
+    w[3, 256:] = -w[3, 256:].abs()  # an all-negative super-block
+    w[4, :256] = 0  # an all-zero super-block
+    spec = grid(name)
+    if method == "gptq":
+        X = torch.randn(600, 512, generator=torch.Generator().manual_seed(0))
+        qt = gptq_quantize(w, X.T @ X, spec, GPTQConfig())
+    else:
+        qt = rtn_quantize(w, spec, clip_search=method == "rtn-clip")
+    s, t = qt.scale_codes()
+    lo, hi = spec.scale_code_range
+    assert s.min() >= lo and s.max() <= hi and qt.codes.min() >= spec.qmin and qt.codes.max() <= spec.qmax
+    assert torch.equal(qt.scale, qt.super_scale.repeat_interleave(spec.groups_per_super_block, dim=1) * s)
+    assert torch.all(qt.dequantize()[4, :256] == 0)
+    qtype = gguf_qtype(spec)
+    blocks = to_gguf_blocks(qt)
+    assert blocks.shape == quants.quant_shape_to_byte_shape((9, 512), qtype)
+    assert np.array_equal(quants.dequantize(blocks, qtype), qt.dequantize().numpy())
+    back = from_gguf_blocks(blocks, qtype, (9, 512))
+    for field in ("codes", "scale", "offset", "super_scale", "super_min"):
+        a, b = getattr(back, field), getattr(qt, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+
+
+def test_k_quants_need_rows_of_256_and_refit_helps() -> None:
+    with pytest.raises(ValueError, match="multiple of 256"):
+        rtn_quantize(torch.randn(4, 288), grid("q4_k"))
+    with pytest.raises(ValueError, match="unknown weight grid"):
+        grid("q4_k_g64")  # a K-quant's group size is its format's
+    # the fitted K grid is close to the unconstrained per-group grid of the same bits
+    w = weights((64, 256), seed=12)
+    k = (w - rtn_quantize(w, grid("q4_k")).dequantize()).pow(2).sum()
+    free = (w - rtn_quantize(w, dataclasses.replace(grid("q4_1"), fp16_params=False)).dequantize()).pow(2).sum()
+    assert k < 1.2 * free
