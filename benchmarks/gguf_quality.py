@@ -96,8 +96,13 @@ def kquant_specs() -> list[Spec]:
             specs.append(Spec(f"llamacpp-{low}-imatrix", f"llama.cpp {ftype}+imatrix", "llama.cpp", ftype,
                               quant="llama-quantize+imatrix", imatrix=True))
         for rotate, label in (("none", ""), ("hadamard", "+Hadamard"), ("spinquant", "+SpinQuant")):
+            args = ("--wtype", low, "--rotate", rotate, "--quant", "gptq")
+            if rotate == "spinquant" and ftype != K_MIXTURES[0]:
+                # trained once (full-precision weights while training, as GPTQ follows: the same rotations
+                # for every mixture), re-applied here; this row's convert time leaves the training out
+                args += ("--rotations", str(WORK / "models" / f"ours-{K_MIXTURES[0].lower()}-gptq-spinquant.rotations.safetensors"))
             specs.append(Spec(f"ours-{low}-gptq-{rotate}", f"ours {ftype} GPTQ{label}", "ours", low, rotate, "gptq",
-                              cli_args=("--wtype", low, "--rotate", rotate, "--quant", "gptq")))
+                              cli_args=args))
     return specs
 
 
