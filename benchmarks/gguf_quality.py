@@ -622,7 +622,8 @@ def assemble(rows, fp_ppl, texts, chunks, ctx, threads, imatrix, calib_samples, 
                  "kld_base": "logits of the F32 GGUF (FP reference) on the same chunks"},
         "calibration": {"imatrix": imatrix, "gptq_calib_samples": calib_samples or "CLI default",
                         "text_sha256": texts["calibration"]["sha256"]},
-        "heads": ("token_embd.weight and output.weight: ours are Q8_0 (--head-type default, untied output). "
+        "heads": ("token_embd.weight and output.weight: our Q4_0/Q4_1 files have Q8_0 (--head-type default, untied "
+                  "output); our K-mixture files have llama.cpp's own type for every tensor. "
                   "llama.cpp's rows are llama-quantize of the same untied F32 file, so they also carry an untied "
                   "output (their own type choice per tensor); bpw_body excludes both tensors."),
         "targets": targets(rows, fp_ppl),
@@ -667,9 +668,11 @@ def markdown_md(result: dict) -> str:
              f"FP PPL {result['fp_ppl']:.3f}.", "", markdown_table(result["rows"], result["fp_ppl"])]
     im = (result.get("calibration") or {}).get("imatrix")
     lines += ["", "bpw counts every tensor; *bpw body* leaves out `token_embd.weight` and `output.weight`. All "
-                  "files carry an untied output: ours are Q8_0 for both (the `--head-type` default), llama.cpp's "
-                  "are `llama-quantize` of our same F32 file with its own per-tensor choices (Q4_0/Q4_1: 4-bit "
-                  "`token_embd`, Q8_0 `output`), so *bpw body* compares equal grids. pp tok/s is llama.cpp's prompt "
+                  "files carry an untied output: our Q4_0/Q4_1 files have Q8_0 for both (the `--head-type` default), "
+                  "llama.cpp's are `llama-quantize` of our same F32 file with its own per-tensor choices (Q4_0/Q4_1: "
+                  "4-bit `token_embd`, Q8_0 `output`), so *bpw body* compares equal grids there. Our K-mixture "
+                  "files (Q4_K_M, Q3_K_M, Q2_K) have exactly llama.cpp's type for every tensor, head and embedding "
+                  "included (equal bpw): the rows differ only in how the weights were rounded. pp tok/s is llama.cpp's prompt "
                   f"throughput during the perplexity run ({e['threads']} threads, shared machine: noisy)."
                   + (f" imatrix: `llama-imatrix` on the calibration split, {im['chunks']} × {im['ctx']} tokens."
                      if im else "")]
