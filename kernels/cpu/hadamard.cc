@@ -7,8 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "hadamard_construction.h"
-#include "ort_op.h"
+#include "op_specs.h"
 #include "respin_ops.h"
 #include "simd.h"
 
@@ -60,46 +59,24 @@ void TransformRow(const float* x, float* y, int64_t n, int64_t m, int64_t pow2, 
   for (int64_t i = 0; i < n; ++i) y[i] *= scale;
 }
 
-struct HadamardKernel : KernelBase<HadamardKernel> {
-  static constexpr const char* kName = "Hadamard";
-  static constexpr std::array<Arg, 1> kInputs{{{kFloat, false}}};
-  static constexpr std::array<Arg, 1> kOutputs{{{kFloat, false}}};
-
-  int64_t n = 0, m = 1, pow2 = 1;
+struct HadamardKernel : KernelBase<HadamardKernel>, HadamardSpec {
   std::vector<float> core;  // H_m, row-major [m, m]
   float scale = 1.0f;       // 1/√n
 
   Ort::Status Init(const OrtKernelInfo* info) {
-    RESPIN_RETURN_IF_ERROR(IntAttribute(info, kName, "n", std::nullopt, n));
-    RESPIN_RETURN_IF_ERROR(IntAttribute(info, kName, "m", 1, m));
-    if (n < 1) return Fail(kName, "attribute n must be >= 1, got " + std::to_string(n));
-    const auto factors = hadamard::Factorization(n);
-    if (!factors)
-      return Fail(kName, "no Hadamard construction of size n = " + std::to_string(n) +
-                             ": supported are n = 2^k·m with m = 1 (Sylvester), m = q + 1 for a prime power "
-                             "q ≡ 3 (mod 4) (Paley I) or m = 2(q + 1) for a prime power q ≡ 1 (mod 4) (Paley II)");
-    if (factors->second != m)
-      return Fail(kName, "attribute m = " + std::to_string(m) + " does not match n = " + std::to_string(n) +
-                             ": its construction is H_" + std::to_string(factors->first) + " ⊗ H_" +
-                             std::to_string(factors->second) + " (m = " + std::to_string(factors->second) + ")");
+    RESPIN_RETURN_IF_ERROR(HadamardSpec::Init(info));
     if (m > kMaxCore)
       return Fail(kName, "core size m = " + std::to_string(m) + " is larger than this kernel supports (" +
                              std::to_string(kMaxCore) + ")");
-    pow2 = factors->first;
     const std::vector<int8_t> h = hadamard::CoreMatrix(m);
     core.assign(h.begin(), h.end());
     scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
     return Ort::Status(nullptr);
   }
 
-  static void InferShapes(const ShapeInference& si) {
-    if (const auto x = si.Input(0)) si.SetOutput(0, kFloat, *x);
-  }
-
   Ort::Status Compute(Ort::KernelContext& ctx) {
     const Input x = ReadInput(ctx, 0);
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
-    RESPIN_RETURN_IF_ERROR(ExpectLastAxis(kName, "X", x, n, "attribute n"));
+    RESPIN_RETURN_IF_ERROR(Validate(x));
     float* y = AllocateOutput<float>(ctx, 0, x.shape);
     const int64_t rows = LeadingSize(x.shape);
     int64_t levels = 0;

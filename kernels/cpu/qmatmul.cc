@@ -14,8 +14,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "int4.h"
-#include "ort_op.h"
+#include "op_specs.h"
 #include "qmatmul.h"
 #include "respin_ops.h"
 #include "simd.h"
@@ -137,24 +136,11 @@ void PrepareActivations(const Problem& p, const int8_t* xq, const int8_t* x_zp, 
 
 // ------------------------------------------------------------------------------------- the op
 
-struct QMatMulKernel : KernelBase<QMatMulKernel> {
-  static constexpr const char* kName = "QMatMul";
-  static constexpr std::array<Arg, 7> kInputs{{{kInt8, false},
-                                               {kFloat, false},
-                                               {kInt8, false},
-                                               {kAnyType, false},  // uint8 packed (bits 4) or int8
-                                               {kFloat, false},
-                                               {kInt8, false},
-                                               {kFloat, true}}};
-  static constexpr std::array<Arg, 1> kOutputs{{{kFloat, false}}};
-
-  int64_t K = 0, bits = 4, group_size = 0;
+struct QMatMulKernel : KernelBase<QMatMulKernel>, QMatMulSpec {
   // A constant W packed for the VNNI path at session creation: codes and group sums of all tiles.
   std::vector<int8_t> packed_codes;
   std::vector<int32_t> packed_sums;
   int64_t packed_rows = -1;
-
-  int64_t Groups() const { return group_size ? (K + group_size - 1) / group_size : 1; }
 
   // The problem's shape fields (K, Kp, N, G, group) and W.
   Problem Shape(int64_t N, const void* w) const {
@@ -165,12 +151,7 @@ struct QMatMulKernel : KernelBase<QMatMulKernel> {
   }
 
   Ort::Status Init(const OrtKernelInfo* info) {
-    RESPIN_RETURN_IF_ERROR(IntAttribute(info, kName, "K", std::nullopt, K));
-    RESPIN_RETURN_IF_ERROR(IntAttribute(info, kName, "bits", 4, bits));
-    RESPIN_RETURN_IF_ERROR(IntAttribute(info, kName, "group_size", 0, group_size));
-    if (K < 1) return Fail(kName, "attribute K must be >= 1, got " + std::to_string(K));
-    if (bits < 2 || bits > 8) return Fail(kName, "attribute bits must be in [2, 8], got " + std::to_string(bits));
-    if (group_size < 0) return Fail(kName, "attribute group_size must be >= 0, got " + std::to_string(group_size));
+    RESPIN_RETURN_IF_ERROR(QMatMulSpec::Init(info));
     PackConstantWeights(info);
     return Ort::Status(nullptr);
   }
@@ -204,41 +185,6 @@ struct QMatMulKernel : KernelBase<QMatMulKernel> {
     packed_rows = p.N;
   }
 
-  static void InferShapes(const ShapeInference& si) {  // Y [..., N]: Xq's leading dims, W's rows
-    const auto xq = si.Input(0), w = si.Input(3);
-    if (!xq || !w) return;
-    ShapeInference::Shape y = xq->leading();
-    y.push(w->dims[0], w->params[0]);
-    si.SetOutput(0, kFloat, y);
-  }
-
-  Ort::Status Validate(const Input& xq, const Input& x_scale, const Input& x_zp, const Input& w,
-                       const Input& w_scale, const Input& w_zp, const Input& bias) const {
-    const bool packed = bits == 4;
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "Xq", xq, kInt8));
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "x_scale", x_scale, kFloat));
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "x_zero_point", x_zp, kInt8));
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "W", w, packed ? kUInt8 : kInt8));
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "w_scale", w_scale, kFloat));
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "w_zero_point", w_zp, kInt8));
-    RESPIN_RETURN_IF_ERROR(ExpectLastAxis(kName, "Xq", xq, K, "attribute K"));
-    RESPIN_RETURN_IF_ERROR(ExpectPerToken(kName, "x_scale", x_scale, xq, "Xq"));
-    RESPIN_RETURN_IF_ERROR(ExpectPerToken(kName, "x_zero_point", x_zp, xq, "Xq"));
-    if (w.shape.size() != 2)
-      return Fail(kName, "input W must be 2-D [N, " + std::string(packed ? "⌈K/2⌉" : "K") + "], got shape " +
-                             ShapeStr(w.shape));
-    const int64_t N = w.shape[0], G = Groups();
-    RESPIN_RETURN_IF_ERROR(ExpectShape(kName, "W", w, {N, packed ? int4::PackedSize(K) : K},
-                                       packed ? "bits = 4: two codes per byte, [N, ⌈K/2⌉]" : "[N, K] int8 codes"));
-    RESPIN_RETURN_IF_ERROR(ExpectShape(kName, "w_scale", w_scale, {N, G}, "[N, G], G = ⌈K/group_size⌉"));
-    RESPIN_RETURN_IF_ERROR(ExpectShape(kName, "w_zero_point", w_zp, {N, G}, "[N, G], G = ⌈K/group_size⌉"));
-    if (bias.present) {
-      RESPIN_RETURN_IF_ERROR(ExpectType(kName, "bias", bias, kFloat));
-      RESPIN_RETURN_IF_ERROR(ExpectShape(kName, "bias", bias, {N}, "[N]"));
-    }
-    return Ort::Status(nullptr);
-  }
-
   Ort::Status Compute(Ort::KernelContext& ctx) {
     const Input xq = ReadInput(ctx, 0), x_scale = ReadInput(ctx, 1), x_zp = ReadInput(ctx, 2);
     const Input w = ReadInput(ctx, 3), w_scale = ReadInput(ctx, 4), w_zp = ReadInput(ctx, 5);
@@ -246,9 +192,7 @@ struct QMatMulKernel : KernelBase<QMatMulKernel> {
     RESPIN_RETURN_IF_ERROR(Validate(xq, x_scale, x_zp, w, w_scale, w_zp, bias));
 
     const int64_t M = LeadingSize(xq.shape), N = w.shape[0];
-    std::vector<int64_t> y_shape = xq.leading();
-    y_shape.push_back(N);
-    float* y = AllocateOutput<float>(ctx, 0, y_shape);
+    float* y = AllocateOutput<float>(ctx, 0, OutputShape(xq, w));
     if (M == 0 || N == 0) return Ort::Status(nullptr);
 
     Problem p = Shape(N, w.data);

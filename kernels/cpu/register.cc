@@ -1,8 +1,11 @@
 // The library's entry point: onnxruntime's SessionOptions.register_custom_ops_library(path) calls
-// RegisterCustomOps, which adds the `respin` domain (version 1, CPU execution provider) with all
-// kernels to the session options. Built against the API headers of onnxruntime 1.21
-// (ORT_API_VERSION 21) and not linked to libonnxruntime: every later runtime serves that API.
+// RegisterCustomOps, which adds the `respin` domain (version 1) with all kernels to the session
+// options: the CPU kernels, and the CUDA-EP kernels when the library was built with nvcc (a session
+// on the CPU EP never places those; one on the CUDA EP runs them on its stream). Built against the
+// API headers of onnxruntime 1.21 (ORT_API_VERSION 21) and not linked to libonnxruntime: every later
+// runtime serves that API.
 #include <mutex>
+#include <vector>
 
 #include "ort_op.h"
 #include "respin_ops.h"
@@ -17,8 +20,15 @@ OrtStatus* SharedDomain(const OrtApi& api, OrtCustomOpDomain** out) {
   std::call_once(once, [&api] {
     OrtCustomOpDomain* d = nullptr;
     if ((error = api.CreateCustomOpDomain(respin::kDomain, &d)) != nullptr) return;
-    for (const OrtCustomOp* op : {respin::HadamardOp(), respin::DynamicQuantizeOp(), respin::QMatMulOp(),
-                                  respin::ResidualCorrectionOp(), respin::QuantizeKVOp(), respin::DequantizeKVOp()}) {
+    const std::vector<const OrtCustomOp*> ops = {
+        respin::HadamardOp(),       respin::DynamicQuantizeOp(), respin::QMatMulOp(),
+        respin::ResidualCorrectionOp(), respin::QuantizeKVOp(), respin::DequantizeKVOp(),
+#ifdef RESPIN_WITH_CUDA
+        respin::HadamardCudaOp(),   respin::DynamicQuantizeCudaOp(), respin::QMatMulCudaOp(),
+        respin::ResidualCorrectionCudaOp(), respin::QuantizeKVCudaOp(), respin::DequantizeKVCudaOp(),
+#endif
+    };
+    for (const OrtCustomOp* op : ops) {
       if ((error = api.CustomOpDomain_Add(d, op)) != nullptr) {
         api.ReleaseCustomOpDomain(d);
         return;

@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "ort_op.h"
+#include "op_specs.h"
 #include "respin_ops.h"
 #include "simd.h"
 
@@ -62,11 +62,7 @@ void CorrectRow(const float* x, float* y, const float* Q, const float* M, const 
   }
 }
 
-struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
-  static constexpr const char* kName = "ResidualCorrection";
-  static constexpr std::array<Arg, 3> kInputs{{{kFloat, false}, {kFloat, false}, {kFloat, false}}};
-  static constexpr std::array<Arg, 1> kOutputs{{{kFloat, false}}};
-
+struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel>, ResidualCorrectionSpec {
   // Qᵀ of a constant Q (an initializer), transposed once at session creation: transposing per call
   // cost more than the correction itself when decoding one token.
   std::vector<float> constant_qt;
@@ -98,21 +94,10 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel> {
     return Qt;
   }
 
-  static void InferShapes(const ShapeInference& si) {
-    if (const auto x = si.Input(0)) si.SetOutput(0, kFloat, *x);
-  }
-
   Ort::Status Compute(Ort::KernelContext& ctx) {
     const Input x = ReadInput(ctx, 0), q = ReadInput(ctx, 1), mm = ReadInput(ctx, 2);
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "Q", q, kFloat));
-    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "M", mm, kFloat));
-    if (x.shape.empty()) return Fail(kName, "input X must have rank >= 1, got a scalar");
-    if (q.shape.size() != 2)
-      return Fail(kName, "input Q must be 2-D [D, r], got shape " + ShapeStr(q.shape));
+    RESPIN_RETURN_IF_ERROR(Validate(x, q, mm));
     const int64_t D = q.shape[0], r = q.shape[1];
-    RESPIN_RETURN_IF_ERROR(ExpectLastAxis(kName, "X", x, D, "D, the first axis of Q"));
-    RESPIN_RETURN_IF_ERROR(ExpectShape(kName, "M", mm, {r, r}, "[r, r], r = the second axis of Q"));
 
     float* y = AllocateOutput<float>(ctx, 0, x.shape);
     const int64_t rows = LeadingSize(x.shape);

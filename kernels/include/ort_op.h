@@ -24,7 +24,6 @@ namespace respin {
 
 constexpr const char* kDomain = "respin";
 constexpr int kOpsetVersion = 1;
-constexpr const char* kProvider = "CPUExecutionProvider";
 
 using ElemType = ONNXTensorElementDataType;
 constexpr ElemType kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -317,7 +316,7 @@ struct Arg {
 };
 
 // One OrtCustomOp per kernel class K, which provides:
-//   static constexpr const char* kName;  static constexpr std::array<Arg, I> kInputs, kOutputs;
+//   static constexpr const char* kName, *kProvider;  static constexpr std::array<Arg, I> kInputs, kOutputs;
 //   static void InferShapes(const ShapeInference&);   (output dtypes and shapes, best effort)
 //   Ort::Status Init(const OrtKernelInfo*);   (reads and validates attributes)
 //   Ort::Status Compute(Ort::KernelContext&);
@@ -342,7 +341,7 @@ struct RespinOp : Ort::CustomOpBase<RespinOp<K>, K, /*WithStatus=*/true> {
     });
   }
   const char* GetName() const { return K::kName; }
-  const char* GetExecutionProviderType() const { return kProvider; }
+  const char* GetExecutionProviderType() const { return K::kProvider; }
   size_t GetInputTypeCount() const { return K::kInputs.size(); }
   ElemType GetInputType(size_t i) const { return K::kInputs[i].type; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
@@ -355,9 +354,11 @@ struct RespinOp : Ort::CustomOpBase<RespinOp<K>, K, /*WithStatus=*/true> {
   }
 };
 
-// Mixin for kernel classes: the ComputeV2 entry point RespinOp calls.
+// Mixin for kernel classes: the ComputeV2 entry point RespinOp calls, and the execution provider
+// the kernel is for (CudaKernelBase in cuda/ort_cuda_ops.cc says CUDA).
 template <class K>
 struct KernelBase {
+  static constexpr const char* kProvider = "CPUExecutionProvider";
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(K::kName, [&]() -> Ort::Status {
       Ort::KernelContext ctx(context);

@@ -1,5 +1,5 @@
 // The custom ops of domain `respin` (version 1) implemented by this library, one factory per op
-// (cpu/*.cc); cpu/register.cc adds them to a session's options. Names, inputs, attributes and
+// (cpu/*.cc, and cuda/ort_cuda_ops.cc when built with CUDA); cpu/register.cc adds them to a session's options. Names, inputs, attributes and
 // dtypes follow runtime_ops/schema.py.
 #pragma once
 
@@ -13,5 +13,14 @@ const OrtCustomOp* QuantizeKVOp();
 const OrtCustomOp* DequantizeKVOp();
 const OrtCustomOp* QMatMulOp();
 const OrtCustomOp* ResidualCorrectionOp();
+
+#ifdef RESPIN_WITH_CUDA  // the same ops for the CUDA execution provider (cuda/ort_cuda_ops.cc)
+const OrtCustomOp* HadamardCudaOp();
+const OrtCustomOp* DynamicQuantizeCudaOp();
+const OrtCustomOp* QuantizeKVCudaOp();
+const OrtCustomOp* DequantizeKVCudaOp();
+const OrtCustomOp* QMatMulCudaOp();
+const OrtCustomOp* ResidualCorrectionCudaOp();
+#endif
 
 }  // namespace respin
