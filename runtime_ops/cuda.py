@@ -12,6 +12,7 @@ Nothing here imports torch or touches a GPU at import time.
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,30 @@ class CudaKernels:
 
     def residual_correction(self, x: int, Q: int, M: int, y: int, rows: int, D: int, r: int, **kw) -> None:
         self._call("respin_residual_correction", x, Q, M, y, rows, D, r, **kw)
+
+
+_FATBIN_MAGIC = 0xBA55ED50
+
+
+def fatbin_targets(path: Path) -> set[tuple[str, int]]:
+    """The GPU code a library embeds, read from its CUDA fat binaries: {("sass" | "ptx", 80), ...}.
+
+    Each fat binary is a header (magic, version, header size, payload size) followed by entries
+    (kind 1 = PTX, 2 = ELF/SASS; the compute capability at byte 28 of an entry's header).
+    """
+    data = Path(path).read_bytes()
+    targets: set[tuple[str, int]] = set()
+    start = data.find(struct.pack("<I", _FATBIN_MAGIC))
+    while start >= 0:
+        _, header_size, payload = struct.unpack_from("<HHQ", data, start + 4)
+        offset, end = start + header_size, start + header_size + payload
+        while offset < end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, offset)
+            arch = struct.unpack_from("<I", data, offset + 28)[0]
+            targets.add(({1: "ptx", 2: "sass"}.get(kind, str(kind)), arch))
+            offset += entry_header + size
+        start = data.find(struct.pack("<I", _FATBIN_MAGIC), end)
+    return targets
 
 
 def _addr(a: np.ndarray) -> int:
