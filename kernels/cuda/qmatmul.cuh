@@ -54,6 +54,41 @@ RESPIN_HD int ActivationCode(const QMatMulParams& p, int64_t m, int k) {
   return (m < p.M && k < p.K) ? p.xq[m * p.K + k] : 0;
 }
 
+// Σ of the four signed bytes of a word.
+RESPIN_HD int ByteSum(uint32_t w) {
+  return static_cast<int8_t>(w & 0xFFu) + static_cast<int8_t>((w >> 8) & 0xFFu) + static_cast<int8_t>((w >> 16) & 0xFFu) +
+         static_cast<int8_t>(w >> 24);
+}
+
+// Codes (m | n, k … k+3) as one word: one 32-bit load of Xq (K % 4 == 0), one 16-bit load of packed
+// W (two bytes → four nibbles, each − 8) where aligned, else element by element (edges, odd K,
+// groups that start at an odd column).
+RESPIN_HD uint32_t ActivationWord(const QMatMulParams& p, int64_t m, int k) {
+  if (m < p.M && k + 3 < p.K && p.K % 4 == 0 && k % 4 == 0) return LoadWord(p.xq + m * p.K + k);
+  return PackBytes(ActivationCode(p, m, k), ActivationCode(p, m, k + 1), ActivationCode(p, m, k + 2),
+                   ActivationCode(p, m, k + 3));
+}
+
+RESPIN_HD uint32_t WeightWord(const QMatMulParams& p, int n, int k) {
+  if (n < p.N && k + 3 < p.K) {
+    if (!p.packed && p.K % 4 == 0 && k % 4 == 0) return LoadWord(static_cast<const int8_t*>(p.w) + static_cast<int64_t>(n) * p.K + k);
+    if (p.packed && p.K % 2 == 0 && k % 2 == 0) {
+      const uint8_t* b = static_cast<const uint8_t*>(p.w) + static_cast<int64_t>(n) * (p.K / 2) + k / 2;
+      const uint32_t lo = b[0], hi = b[1];
+      // nibbles low-first: (lo & 15, lo >> 4, hi & 15, hi >> 4); x − 8 per byte = (x + 0x78) ^ 0x80 for x < 16
+      const uint32_t nibbles = (lo & 0x0Fu) | ((lo >> 4) << 8) | ((hi & 0x0Fu) << 16) | ((hi >> 4) << 24);
+      return (nibbles + 0x78787878u) ^ 0x80808080u;
+    }
+  }
+  return PackBytes(WeightCode(p, n, k), WeightCode(p, n, k + 1), WeightCode(p, n, k + 2), WeightCode(p, n, k + 3));
+}
+
+// The first `count` (< 4) codes of code(i) as a word, zeros after.
+template <class Code>
+RESPIN_HD uint32_t GroupTail(int count, Code code) {
+  return PackBytes(count > 0 ? code(0) : 0, count > 1 ? code(1) : 0, count > 2 ? code(2) : 0, 0);
+}
+
 // E from the integer parts (int64: ΣX·w_zp and friends can pass 2^31 for 8-bit codes and long K).
 RESPIN_HD int64_t ExactGroupSum(int64_t s, int64_t sum_x, int64_t sum_w, int64_t x_zp, int64_t w_zp, int64_t len) {
   return s - w_zp * sum_x - x_zp * sum_w + x_zp * w_zp * len;
@@ -165,19 +200,15 @@ RESPIN_UNROLL
                                   int8_t* Bs, int32_t* sum_x, int32_t* sum_w) {
     for (int i = c.thread; i < BM * (BK / 4); i += c.threads) {
       const int r = i / (BK / 4), k = k0 + 4 * (i % (BK / 4));
-      const int64_t m = m0 + r;
-      const int v0 = ActivationCode(p, m, k), v1 = ActivationCode(p, m, k + 1);
-      const int v2 = ActivationCode(p, m, k + 2), v3 = ActivationCode(p, m, k + 3);
-      StoreWord(As + r * kStride + (k - k0), PackBytes(v0, v1, v2, v3));
-      AtomicAddShared(sum_x + r, v0 + v1 + v2 + v3);
+      const uint32_t word = ActivationWord(p, m0 + r, k);
+      StoreWord(As + r * kStride + (k - k0), word);
+      AtomicAddShared(sum_x + r, ByteSum(word));
     }
     for (int i = c.thread; i < BN * (BK / 4); i += c.threads) {
       const int r = i / (BK / 4), k = k0 + 4 * (i % (BK / 4));
-      const int n = n0 + r;
-      const int v0 = WeightCode(p, n, k), v1 = WeightCode(p, n, k + 1);
-      const int v2 = WeightCode(p, n, k + 2), v3 = WeightCode(p, n, k + 3);
-      StoreWord(Bs + r * kStride + (k - k0), PackBytes(v0, v1, v2, v3));
-      AtomicAddShared(sum_w + r, v0 + v1 + v2 + v3);
+      const uint32_t word = WeightWord(p, n0 + r, k);
+      StoreWord(Bs + r * kStride + (k - k0), word);
+      AtomicAddShared(sum_w + r, ByteSum(word));
     }
   }
 
@@ -290,15 +321,13 @@ RESPIN_UNROLL
     for (int r = 0; r < kRows; ++r) th.s[r] = 0, th.sum_x[r] = 0;
     th.sum_w = 0;
     for (int k = begin + 4 * c.lane(); k < end; k += 4 * kWarpSize) {
-      int w[4];
-      for (int i = 0; i < 4; ++i) w[i] = k + i < end ? WeightCode(p, n, k + i) : 0;
-      const uint32_t wword = PackBytes(w[0], w[1], w[2], w[3]);
-      th.sum_w += w[0] + w[1] + w[2] + w[3];
-RESPIN_UNROLL
+      const bool whole = k + 3 < end;  // else the group ends inside these four columns
+      const uint32_t wword = whole ? WeightWord(p, n, k) : GroupTail(end - k, [&](int i) { return WeightCode(p, n, k + i); });
+      th.sum_w = Dp4a(wword, 0x01010101u, th.sum_w);
+      RESPIN_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        int x[4];
-        for (int i = 0; i < 4; ++i) x[i] = k + i < end ? ActivationCode(p, m0 + r, k + i) : 0;
-        const uint32_t xword = PackBytes(x[0], x[1], x[2], x[3]);
+        const uint32_t xword =
+            whole ? ActivationWord(p, m0 + r, k) : GroupTail(end - k, [&](int i) { return ActivationCode(p, m0 + r, k + i); });
         th.s[r] = Dp4a(xword, wword, th.s[r]);
         th.sum_x[r] = Dp4a(xword, 0x01010101u, th.sum_x[r]);
       }

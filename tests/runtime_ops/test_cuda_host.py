@@ -14,6 +14,7 @@ kernels and within 1e-5 (relative) of the float64 reference.
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import numpy as np
 import onnxruntime as ort
@@ -283,3 +284,19 @@ def test_device_libraries_hold_sm80_and_sm90_code():
     build()
     for path in (DEVICE_LIBRARY, library_path()):
         assert {("sass", 80), ("sass", 90)} <= fatbin_targets(path), path
+
+
+def test_benchmark_script_runs_in_smoke_mode(tmp_path):
+    """benchmarks/cuda_kernels.py, every path (tables, decoder layer) on the host emulation."""
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda_kernels.py"
+    out = tmp_path / "smoke.json"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    kernels = {r["kernel"] for r in result["rows"]}
+    assert {"hadamard", "hadamard_quantize", "qmatmul", "residual_correction", "decoder_layer"} <= kernels
+    assert any("no Hadamard construction" in r.get("error", "") for r in result["rows"])
+    assert set(result["online_overhead"]) == {"prefill", "decode"}
