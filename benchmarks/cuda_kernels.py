@@ -188,7 +188,7 @@ def correction_rows(r: Runner, s: Shapes, copy_gbps: float) -> list[dict]:
             D = s.hidden
             x, y = r.randn(M, D), torch.empty(M, D, device=r.device)
             Q, Mm = torch.linalg.qr(r.randn(D, rank))[0].contiguous(), r.randn(rank, rank) * 0.1
-            t = r.time_us(lambda: r.kernels.residual_correction(x.data_ptr(), Q.data_ptr(), Mm.data_ptr(),
+            t = r.time_us(lambda: r.kernels.residual_correction(x.data_ptr(), Q.data_ptr(), Mm.data_ptr(), 0,
                                                                 y.data_ptr(), M, D, rank, stream=r.stream), s.reps)
             ref = r.time_us(lambda: x + ((x @ Q) @ Mm) @ Q.T, s.reps)
             rows.append(row("residual_correction", f"M={M} D={D} r={rank}", "float32", t, 8 * M * D, copy_gbps,
@@ -197,9 +197,10 @@ def correction_rows(r: Runner, s: Shapes, copy_gbps: float) -> list[dict]:
 
 
 class DecoderLayer:
-    """One W4A4KV4 LLaMA decoder layer out of our kernels plus torch (RMSNorm, SiLU, SDPA): the
-    online ops (R3 on Q/K, R4 fused into the down_proj input quantization, two rank-r skip
-    corrections) on or off — everything else identical."""
+    """One W4A4KV4 LLaMA decoder layer out of our kernels plus torch (RMSNorm, SiLU, SDPA), as the
+    ONNX export builds it: the online ops (R3 on Q, R3 on K fused into the KV-cache quantization, R4
+    fused into the down_proj input quantization, two rank-r skip corrections fused with the residual
+    adds) on or off — everything else identical."""
 
     def __init__(self, r: Runner, s: Shapes):
         self.r, self.s = r, s
@@ -242,10 +243,13 @@ class DecoderLayer:
                                 stream=self.r.stream)
         return y
 
-    def correct(self, h: torch.Tensor) -> torch.Tensor:
+    def residual(self, h: torch.Tensor, out: torch.Tensor, online: bool) -> torch.Tensor:
+        """h + out, with the skip correction of h fused in (the exported graph's ResidualCorrection + Z)."""
+        if not online:
+            return h + out
         y = torch.empty_like(h)
-        self.r.kernels.residual_correction(h.data_ptr(), self.Q.data_ptr(), self.M.data_ptr(), y.data_ptr(),
-                                           h.shape[0], h.shape[1], self.s.rank, stream=self.r.stream)
+        self.r.kernels.residual_correction(h.data_ptr(), self.Q.data_ptr(), self.M.data_ptr(), out.data_ptr(),
+                                           y.data_ptr(), h.shape[0], h.shape[1], self.s.rank, stream=self.r.stream)
         return y
 
     def __call__(self, h: torch.Tensor, past_k, past_v, online: bool) -> torch.Tensor:
@@ -263,14 +267,12 @@ class DecoderLayer:
         values = torch.cat([past_v, v.transpose(0, 1)], dim=1) if past_v is not None else v.transpose(0, 1)
         attn = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys[None], values[None], is_causal=past_k is None, enable_gqa=True)
-        h = h + self.linear("o", self.quantize(attn[0].transpose(0, 1).reshape(T, -1).contiguous()))
-        if online:
-            h = self.correct(h)
+        h = self.residual(h, self.linear("o", self.quantize(attn[0].transpose(0, 1).reshape(T, -1).contiguous())),
+                          online)
         x = torch.nn.functional.rms_norm(h, (s.hidden,))
         xq = self.quantize(x)
         a = (torch.nn.functional.silu(self.linear("gate", xq)) * self.linear("up", xq)).contiguous()
-        h = h + self.linear("down", self.quantize(a, transform=online))
-        return self.correct(h) if online else h
+        return self.residual(h, self.linear("down", self.quantize(a, transform=online)), online)
 
 
 def layer_overhead(r: Runner, s: Shapes) -> tuple[list[dict], dict]:

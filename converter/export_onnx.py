@@ -188,12 +188,14 @@ class DecoderBuilder:
         w = g.op("Reshape", [g.op("Mul", [blocks, g.op("Unsqueeze", [scales, g.const([-1])])]), g.const([N, K])])
         return g.op("Transpose", [w], perm=[1, 0], name=f"{stem}.weight_t")
 
-    def quantize_act(self, x: str) -> tuple[str, str, str] | None:
+    def quantize_act(self, x: str, hadamard: int = 0) -> tuple[str, str, str] | None:
+        """Per-token activation codes of x — of Hadamard(x) when `hadamard` = n (fused: one node, one read)."""
         act = self.cfg.act
         if not act.enabled:
             return None
+        fused = _fused_hadamard(hadamard)
         return tuple(self.g.custom("DynamicQuantize", [x], 3, bits=act.bits, symmetric=int(act.symmetric),
-                                   clip=float(act.clip)))
+                                   clip=float(act.clip), **fused))
 
     def rms_norm(self, x: str, norm: torch.nn.Module) -> str:
         """x / sqrt(mean(x²) + eps) · g (g = 1 after folding: then no Mul)."""
@@ -212,16 +214,15 @@ class DecoderBuilder:
 
         return self.g.custom("Hadamard", [x], n=n, m=hadamard_factorization(n)[1])
 
-    def skip(self, x: str, b: int) -> str:
-        """ReSpinQuant's skip path of block b (identity without corrections or at rank 0)."""
+    def residual(self, x: str, out: str, b: int, name: str) -> str:
+        """x + out through ReSpinQuant's skip path of block b: one ResidualCorrection node with the
+        add fused in (Z = out), or a plain Add without corrections or at rank 0."""
         c = None if self.corrections is None else self.corrections[b]
-        if c is None:
-            return x
-        Q, M = _correction_matrices(c)
-        if Q.shape[1] == 0:
-            return x
+        Q, M = _correction_matrices(c) if c is not None else (None, None)
         g = self.g
-        return g.custom("ResidualCorrection", [x, g.initializer(f"skip.{b}.Q", Q), g.initializer(f"skip.{b}.M", M)],
+        if Q is None or Q.shape[1] == 0:
+            return g.op("Add", [x, out], name=name)
+        return g.custom("ResidualCorrection", [x, g.initializer(f"skip.{b}.Q", Q), g.initializer(f"skip.{b}.M", M), out],
                         name=f"skip.{b}")
 
     # --- the graph --------------------------------------------------------------------------------
@@ -300,21 +301,28 @@ class DecoderBuilder:
         k = self.heads(k, s.n_kv_heads)
         v = self.heads(v, s.n_kv_heads)
         q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
+        # R3: Hadamard on Q, and on K — inside the cache's QuantizeKV when the cache is quantized
+        k_fused = cfg.r3 and cfg.kv_quantized
         if cfg.r3:
-            q, k = self.hadamard(q, s.head_dim), self.hadamard(k, s.head_dim)
-        k_all, v_all, present = self.cache(k, v, past)
+            q = self.hadamard(q, s.head_dim)
+            k = k if k_fused else self.hadamard(k, s.head_dim)
+        k_all, v_all, present = self.cache(k, v, past, k_hadamard=s.head_dim if k_fused else 0)
         o = self.attend(q, k_all, v_all, bias)
         o = self.linear(o, p("o_proj"), self.quantize_act(o), attn.o_proj.bias)
-        x = g.op("Add", [self.skip(x, 2 * i), o], name=f"layers.{i}.attn_residual")
+        x = self.residual(x, o, 2 * i, name=f"layers.{i}.attn_residual")
         h = self.rms_norm(x, layer.post_attention_layernorm)
         hq = self.quantize_act(h)
         gate = self.linear(h, p("gate_proj"), hq, mlp.gate_proj.bias)
         up = self.linear(h, p("up_proj"), hq, mlp.up_proj.bias)
         a = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate)·up
-        if cfg.r4:
-            a = self.hadamard(a, s.intermediate)
-        d = self.linear(a, p("down_proj"), self.quantize_act(a), mlp.down_proj.bias)
-        x = g.op("Add", [self.skip(x, 2 * i + 1), d], name=f"layers.{i}.mlp_residual")
+        # R4: fused into down_proj's activation quantization when QMatMul consumes the codes
+        if cfg.r4 and cfg.act.enabled and p("down_proj") in self.tensors:
+            aq = self.quantize_act(a, hadamard=s.intermediate)
+        else:
+            a = self.hadamard(a, s.intermediate) if cfg.r4 else a
+            aq = self.quantize_act(a)
+        d = self.linear(a, p("down_proj"), aq, mlp.down_proj.bias)
+        x = self.residual(x, d, 2 * i + 1, name=f"layers.{i}.mlp_residual")
         return x, present
 
     def heads(self, x: str, n: int) -> str:
@@ -328,15 +336,16 @@ class DecoderBuilder:
         rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
         return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
-    def cache(self, k: str, v: str, past: list[str]) -> tuple[str, str, list[str]]:
-        """Append this step's K/V to the cache; returns the attention's K, V and the present tensors."""
+    def cache(self, k: str, v: str, past: list[str], k_hadamard: int = 0) -> tuple[str, str, list[str]]:
+        """Append this step's K/V to the cache; returns the attention's K, V and the present tensors.
+        k_hadamard = head_dim: K is stored as the codes of Hadamard(K) (R3 fused into QuantizeKV)."""
         g = self.g
         if not self.cfg.kv_quantized:
             present = [g.op("Concat", [past[0], k], axis=2), g.op("Concat", [past[1], v], axis=2)]
             return present[0], present[1], present
         bits, present, full = self.cfg.kv_bits, [], []
         for j, new in enumerate((k, v)):
-            codes = g.custom("QuantizeKV", [new], 3, bits=bits)
+            codes = g.custom("QuantizeKV", [new], 3, bits=bits, **_fused_hadamard(k_hadamard if j == 0 else 0))
             stored = [g.op("Concat", [past[3 * j + t], codes[t]], axis=2) for t in range(3)]
             present += stored
             full.append(g.custom("DequantizeKV", stored, bits=bits, head_dim=self.shape.head_dim))
@@ -355,6 +364,15 @@ class DecoderBuilder:
         out = g.op("Reshape", [out, g.const([0, s.n_heads, -1, s.head_dim])])
         out = g.op("Transpose", [out], perm=[0, 2, 1, 3])
         return g.op("Reshape", [out, g.const([0, 0, s.n_heads * s.head_dim])])
+
+
+def _fused_hadamard(n: int) -> dict[str, int]:
+    """The fused quantizers' attributes for a Hadamard of size n first (none for n = 0)."""
+    if not n:
+        return {}
+    from rotations.hadamard import hadamard_factorization
+
+    return {"hadamard": n, "hadamard_m": hadamard_factorization(n)[1]}
 
 
 def _correction_matrices(c) -> tuple[np.ndarray, np.ndarray]:

@@ -52,7 +52,7 @@ _SIGNATURES = {
     "respin_quantize_rows": [_P, _I, _I64, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P],
     "respin_dequantize_rows": [_P, _P, _P, _P, _I64, _I, _I, _P, _P],
     "respin_qmatmul": [_P, _P, _P, _P, _I, _P, _P, _P, _P, _I64, _I, _I, _I, _P, _P],
-    "respin_residual_correction": [_P, _P, _P, _P, _I64, _I, _I, _P, _P],
+    "respin_residual_correction": [_P, _P, _P, _P, _P, _I64, _I, _I, _P, _P],
 }
 
 
@@ -92,8 +92,8 @@ class CudaKernels:
         self._call("respin_qmatmul", xq, x_scale, x_zp, w, bits, w_scale, w_zp, bias or None, y, M, K, N,
                    group_size, **kw)
 
-    def residual_correction(self, x: int, Q: int, M: int, y: int, rows: int, D: int, r: int, **kw) -> None:
-        self._call("respin_residual_correction", x, Q, M, y, rows, D, r, **kw)
+    def residual_correction(self, x: int, Q: int, M: int, z: int, y: int, rows: int, D: int, r: int, **kw) -> None:
+        self._call("respin_residual_correction", x, Q, M, z or None, y, rows, D, r, **kw)
 
 
 _FATBIN_MAGIC = 0xBA55ED50
@@ -182,10 +182,12 @@ class HostKernels(CudaKernels):
                      bias_addr, _addr(y), M, K, N, group_size, launch=launch)
         return y
 
-    def run_residual_correction(self, x: np.ndarray, Q: np.ndarray, M: np.ndarray,
+    def run_residual_correction(self, x: np.ndarray, Q: np.ndarray, M: np.ndarray, z: np.ndarray | None = None,
                                 launch: Launch | None = None) -> np.ndarray:
         x, Q, M = (np.ascontiguousarray(a, dtype=np.float32) for a in (x, Q, M))
+        z = None if z is None else np.ascontiguousarray(z, dtype=np.float32)
         rows, D = _rows(x)
         y = np.empty_like(x)
-        self.residual_correction(_addr(x), _addr(Q), _addr(M), _addr(y), rows, D, Q.shape[1], launch=launch)
+        self.residual_correction(_addr(x), _addr(Q), _addr(M), 0 if z is None else _addr(z), _addr(y), rows, D,
+                                 Q.shape[1], launch=launch)
         return y

@@ -28,7 +28,8 @@ ONNX_OPSET = 21
 MAX_SYLVESTER_FACTOR = 128  # H_{2^k} is applied as a Kronecker chain of Sylvester blocks this size at most
 
 _ATTR_TYPES = {"int": AttributeProto.INT, "float": AttributeProto.FLOAT}
-_RANGES = {"bits": (2, 8), "symmetric": (0, 1), "K": (1, None), "group_size": (0, None), "head_dim": (1, None)}
+_RANGES = {"bits": (2, 8), "symmetric": (0, 1), "K": (1, None), "group_size": (0, None), "head_dim": (1, None),
+           "hadamard": (0, None), "hadamard_m": (1, None)}
 
 
 def opset_imports() -> list[onnx.OperatorSetIdProto]:
@@ -67,24 +68,37 @@ def _attributes(op: str, attrs: dict) -> dict[str, int | float]:
     if op == "DynamicQuantize" and not out["clip"] > 0:
         raise ValueError(f"DynamicQuantize: clip must be > 0, got {out['clip']}")
     if op == "Hadamard":
-        from rotations.hadamard import hadamard_factorization
-
-        factors = hadamard_factorization(out["n"]) if out["n"] >= 1 else None
-        if factors is None or factors[1] != out["m"]:
-            hint = f"n = {out['n']} needs m = {factors[1]}" if factors else f"n = {out['n']} has no construction"
-            raise ValueError(f"Hadamard: m = {out['m']} does not match: {hint}")
+        _check_hadamard(op, out["n"], out["m"])
+    if out.get("hadamard"):  # the fused quantizers
+        _check_hadamard(op, out["hadamard"], out["hadamard_m"])
     return out
 
 
-def _overload(op: str, attrs: dict, has_bias: bool) -> str:
+def _check_hadamard(op: str, n: int, m: int) -> None:
+    from rotations.hadamard import hadamard_factorization
+
+    factors = hadamard_factorization(n) if n >= 1 else None
+    if factors is None or factors[1] != m:
+        hint = f"n = {n} needs m = {factors[1]}" if factors else f"n = {n} has no construction"
+        raise ValueError(f"{op}: Hadamard core m = {m} does not match: {hint}")
+
+
+def _overload(op: str, attrs: dict, has_optional: bool) -> str:
     """Which body a node needs: empty for the generic bodies."""
     storage = "u4" if attrs.get("bits") == 4 else "i8"
+    fused = f"h{attrs['hadamard']}_m{attrs['hadamard_m']}" if attrs.get("hadamard") else ""
     if op == "Hadamard":
         return f"n{attrs['n']}_m{attrs['m']}"
     if op == "QMatMul":
-        return storage + ("_grouped" if attrs["group_size"] else "") + ("_bias" if has_bias else "")
-    if op in ("QuantizeKV", "DequantizeKV"):
+        return storage + ("_grouped" if attrs["group_size"] else "") + ("_bias" if has_optional else "")
+    if op == "QuantizeKV":
+        return storage + (f"_{fused}" if fused else "")
+    if op == "DequantizeKV":
         return storage
+    if op == "DynamicQuantize":
+        return fused
+    if op == "ResidualCorrection":
+        return "addend" if has_optional else ""
     return ""
 
 
@@ -105,7 +119,7 @@ def make_node(op: str, inputs: list[str], outputs: list[str], name: str | None =
     if len(outputs) != len(sch.outputs):
         raise ValueError(f"{op}: outputs {sch.outputs}, got {list(outputs)}")
     return helper.make_node(op, inputs, list(outputs), name=name, domain=DOMAIN,
-                            overload=_overload(op, values, len(inputs) > required), **values)
+                            overload=_overload(op, values, has_optional=len(inputs) > required), **values)
 
 
 def function_protos(nodes: Iterable[onnx.NodeProto]) -> list[onnx.FunctionProto]:
@@ -123,7 +137,7 @@ def function_protos(nodes: Iterable[onnx.NodeProto]) -> list[onnx.FunctionProto]
         required = len(sch.inputs) - len(sch.optional_inputs)
         if not all(node.input[required:]):
             raise ValueError(f"{node.op_type} node '{node.name}': drop the empty optional inputs (use make_node)")
-        overload = _overload(node.op_type, attrs, has_bias=len(node.input) > required)
+        overload = _overload(node.op_type, attrs, has_optional=len(node.input) > required)
         if node.overload != overload:
             raise ValueError(f"{node.op_type} node '{node.name}': overload '{node.overload}', expected '{overload}'")
         if (node.op_type, overload) not in bodies:
@@ -216,18 +230,16 @@ def _pack4(b: _Body, nibbles: str) -> str:
     return b.op("Squeeze", b.op("BitwiseOr", low, high), last)
 
 
-def _hadamard(attrs: dict, overload: str, sch: OpSchema) -> onnx.FunctionProto:
+def _transform(b: _Body, x: str, n: int, m: int) -> str:
     """Y = X·(H_{2^k} ⊗ H_m)/√n on [..., n]: X viewed row-major as [R, 2^k, m], H_m from the right,
     H_{2^k} from the left (symmetric: x·(A⊗B) = Aᵀ·X·B), H_{2^k} itself as a chain of Sylvester blocks
     ≤ MAX_SYLVESTER_FACTOR (H_{2^a} ⊗ H_{2^c} = H_{2^(a+c)}), so no constant is ever n × n."""
     from rotations.hadamard import _core_hadamard, _sylvester
 
-    n, m = attrs["n"], attrs["m"]
     k = int(math.log2(n // m))
     parts = -(-k // int(math.log2(MAX_SYLVESTER_FACTOR))) if k else 0
     factors = [2 ** (k * (i + 1) // parts - k * i // parts) for i in range(parts)] + ([m] if m > 1 else [])
-    b = _Body()
-    y, mats, lead = "X", {}, b.op("Shape", "X", end=-1)  # explicit shapes (allowzero): leading dims may be 0
+    y, mats, lead = x, {}, b.op("Shape", x, end=-1)  # explicit shapes (allowzero): leading dims may be 0
     for i, f in enumerate(factors):
         key = (f, i == len(factors) - 1 and m > 1)  # (size, is the core)
         if key not in mats:
@@ -238,14 +250,24 @@ def _hadamard(attrs: dict, overload: str, sch: OpSchema) -> onnx.FunctionProto:
                      mats[key])
         else:  # an outer Sylvester block: the axis of size f in [..., prefix, f, rest], from the left
             y = b.op("MatMul", mats[key], b.op("Reshape", y, b.op("Concat", lead, b.const(dims), axis=0), allowzero=1))
-    y = b.op("Reshape", y, b.op("Shape", "X"), allowzero=1)
-    b.op("Mul", y, b.const(1.0 / math.sqrt(n), np.float32))
+    y = b.op("Reshape", y, b.op("Shape", x), allowzero=1)
+    return b.op("Mul", y, b.const(1.0 / math.sqrt(n), np.float32))
+
+
+def _hadamard(attrs: dict, overload: str, sch: OpSchema) -> onnx.FunctionProto:
+    b = _Body()
+    _transform(b, "X", attrs["n"], attrs["m"])
     return b.function(sch, overload, ["X"], ["Y"])
+
+
+def _fused_input(b: _Body, attrs: dict) -> str:
+    """The quantizers' input: X, or Hadamard(X) for the fused forms (hadamard > 0)."""
+    return _transform(b, "X", attrs["hadamard"], attrs["hadamard_m"]) if attrs.get("hadamard") else "X"
 
 
 def _dynamic_quantize(attrs: dict, overload: str, sch: OpSchema) -> onnx.FunctionProto:
     b = _Body()
-    q, scale, zp = _quantize(b, "X", symmetric=None, clip=None)
+    q, scale, zp = _quantize(b, _fused_input(b, attrs), symmetric=None, clip=None)
     b.op("Cast", q, to=TensorProto.INT8), b.op("Identity", scale), b.op("Cast", zp, to=TensorProto.INT8)
     return b.function(sch, overload, ["X"], ["Xq", "scale", "zero_point"])
 
@@ -278,14 +300,16 @@ def _qmatmul(attrs: dict, overload: str, sch: OpSchema) -> onnx.FunctionProto:
 def _residual_correction(attrs: dict, overload: str, sch: OpSchema) -> onnx.FunctionProto:
     b = _Body()
     low = b.op("MatMul", b.op("MatMul", b.op("MatMul", "X", "Q"), "M"), b.op("Transpose", "Q", perm=[1, 0]))
-    b.op("Add", "X", low)
-    return b.function(sch, overload, ["X", "Q", "M"], ["Y"])
+    y = b.op("Add", "X", low)
+    if overload == "addend":
+        b.op("Add", y, "Z")
+    return b.function(sch, overload, ["X", "Q", "M", "Z"] if overload == "addend" else ["X", "Q", "M"], ["Y"])
 
 
 def _quantize_kv(attrs: dict, overload: str, sch: OpSchema) -> onnx.FunctionProto:
     b = _Body()
-    q, scale, zp = _quantize(b, "X", symmetric=0, clip=1.0)
-    if overload == "u4":
+    q, scale, zp = _quantize(b, _fused_input(b, attrs), symmetric=0, clip=1.0)
+    if attrs["bits"] == 4:
         _pack4(b, b.op("Cast", b.op("Add", q, b.const(8.0, np.float32)), to=TensorProto.UINT8))
     else:
         b.op("Cast", q, to=TensorProto.INT8)

@@ -30,9 +30,15 @@ def hadamard(x: np.ndarray, n: int, m: int = 1) -> np.ndarray:
     return (x.astype(np.float64) @ _hadamard_matrix(n) / math.sqrt(n)).astype(np.float32)
 
 
-def dynamic_quantize(x: np.ndarray, bits: int = 8, symmetric: int = 0, clip: float = 1.0
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token codes int8 [..., K], scale float32 [..., 1], zero point int8 [..., 1] (schema)."""
+_hadamard_op = hadamard  # the fused quantizers' `hadamard` attribute shadows the name
+
+
+def dynamic_quantize(x: np.ndarray, bits: int = 8, symmetric: int = 0, clip: float = 1.0, hadamard: int = 0,
+                     hadamard_m: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token codes int8 [..., K], scale float32 [..., 1], zero point int8 [..., 1] (schema); of
+    `hadamard(x, hadamard, hadamard_m)` when hadamard > 0 (the fused R4 / R3 forms)."""
+    if hadamard:
+        x = _hadamard_op(x, hadamard, hadamard_m)
     x = x.astype(np.float32)
     clip = np.float32(clip)
     half = 2 ** (bits - 1)
@@ -94,16 +100,19 @@ def qmatmul(xq: np.ndarray, x_scale: np.ndarray, x_zp: np.ndarray, w: np.ndarray
     return y.astype(np.float32)
 
 
-def residual_correction(x: np.ndarray, Q: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """Y = X + ((X·Q)·M)·Qᵀ in float64 → float32."""
+def residual_correction(x: np.ndarray, Q: np.ndarray, M: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+    """Y = X + ((X·Q)·M)·Qᵀ in float64 → float32, then + Z in float32 when given."""
     x64 = x.astype(np.float64)
     Q64 = Q.astype(np.float64)
-    return (x64 + ((x64 @ Q64) @ M.astype(np.float64)) @ Q64.T).astype(np.float32)
+    y = (x64 + ((x64 @ Q64) @ M.astype(np.float64)) @ Q64.T).astype(np.float32)
+    return y if z is None else (y + z.astype(np.float32)).astype(np.float32)
 
 
-def quantize_kv(x: np.ndarray, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric per-token-and-head codes of the KV cache; 4-bit codes packed two per byte."""
-    q, scale, zp = dynamic_quantize(x, bits=bits, symmetric=0, clip=1.0)
+def quantize_kv(x: np.ndarray, bits: int = 4, hadamard: int = 0, hadamard_m: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric per-token-and-head codes of the KV cache (of its Hadamard transform when
+    hadamard = head_dim); 4-bit codes packed two per byte."""
+    q, scale, zp = dynamic_quantize(x, bits=bits, symmetric=0, clip=1.0, hadamard=hadamard, hadamard_m=hadamard_m)
     return (pack_int4(q) if bits == 4 else q), scale, zp
 
 

@@ -53,8 +53,10 @@ OPS: dict[str, OpSchema] = {op.name: op for op in (
     ),
     OpSchema(
         "DynamicQuantize", ("X",), ("Xq", "scale", "zero_point"),
-        (Attribute("bits", "int", 8), Attribute("symmetric", "int", 0), Attribute("clip", "float", 1.0)),
-        "per-token (last axis) dynamic quantization of float32 X [..., K]: Xq int8 [..., K], "
+        (Attribute("bits", "int", 8), Attribute("symmetric", "int", 0), Attribute("clip", "float", 1.0),
+         Attribute("hadamard", "int", 0), Attribute("hadamard_m", "int", 1)),
+        "per-token (last axis) dynamic quantization of float32 X [..., K] — of Hadamard(X; n = hadamard, "
+        "m = hadamard_m) when hadamard = K > 0 (fused: one read of X, e.g. R4 before down_proj): Xq int8 [..., K], "
         "scale float32 [..., 1], zero_point int8 [..., 1]. asymmetric: lo = min(min X, 0)·clip, "
         "hi = max(max X, 0)·clip, scale = max((hi − lo)/(2^b − 1), 1e-8), z = round(−lo/scale) − 2^(b−1); "
         "symmetric: scale = max(max|X|·clip/(2^(b−1) − 1), 1e-8), z = 0; "
@@ -70,13 +72,16 @@ OPS: dict[str, OpSchema] = {op.name: op for op in (
         optional_inputs=("bias",),
     ),
     OpSchema(
-        "ResidualCorrection", ("X", "Q", "M"), ("Y",), (),
-        "Y = X + ((X·Q)·M)·Qᵀ, X float32 [..., D], Q [D, r], M [r, r] (ReSpinQuant skip path)",
+        "ResidualCorrection", ("X", "Q", "M", "Z"), ("Y",), (),
+        "Y = (X + ((X·Q)·M)·Qᵀ) + Z, X float32 [..., D], Q [D, r], M [r, r] (ReSpinQuant skip path); "
+        "the optional Z (same shape as X) is the block output the residual adds, fused (float32 add last)",
+        optional_inputs=("Z",),
     ),
     OpSchema(
         "QuantizeKV", ("X",), ("Xq", "scale", "zero_point"),
-        (Attribute("bits", "int", 4),),
-        "KV-cache storage: DynamicQuantize(X, bits, asymmetric, clip 1) per token and head "
+        (Attribute("bits", "int", 4), Attribute("hadamard", "int", 0), Attribute("hadamard_m", "int", 1)),
+        "KV-cache storage: DynamicQuantize(X, bits, asymmetric, clip 1, hadamard, hadamard_m) per token and head "
+        "(hadamard = head_dim: R3 on K fused into the cache write) "
         "(last axis = head_dim); bits 4 → Xq uint8 [..., ⌈d/2⌉] packed, bits 8 → Xq int8 [..., d]",
     ),
     OpSchema(

@@ -7,20 +7,17 @@
 #include <algorithm>
 #include <cmath>
 
+#include "hadamard_rows.h"
 #include "op_specs.h"
 #include "respin_ops.h"
 #include "simd.h"
 
 namespace respin {
-namespace {
 
-constexpr int64_t kMaxCore = 4096;  // H_m is held as float [m, m]; larger cores are refused
-
-// y = x·H_n/√n for one row of n = pow2·m floats (x and y do not alias); core = H_m [m, m];
-// scratch holds 2n floats. The vectorized axis is always the one written (no float sum is
-// reassociated), so the ISA clones agree bit for bit.
+// The vectorized axis is always the one written (no float sum is reassociated), so the ISA clones
+// agree bit for bit.
 RESPIN_TARGET_CLONES
-void TransformRow(const float* x, float* y, int64_t n, int64_t m, int64_t pow2, const float* core, float scale,
+void HadamardTransformRow(const float* x, float* y, int64_t n, int64_t m, int64_t pow2, const float* core, float scale,
                   float* scratch) {
   if (m == 1) {
     std::copy_n(x, n, y);
@@ -59,19 +56,34 @@ void TransformRow(const float* x, float* y, int64_t n, int64_t m, int64_t pow2, 
   for (int64_t i = 0; i < n; ++i) y[i] *= scale;
 }
 
+Ort::Status HadamardRows::Init(const char* op, int64_t size, int64_t core_size) {
+  if (core_size > kMaxCore)
+    return Fail(op, "Hadamard core size m = " + std::to_string(core_size) + " is larger than this kernel supports (" +
+                        std::to_string(kMaxCore) + ")");
+  const auto factors = hadamard::Factorization(size);
+  if (!factors || factors->second != core_size)
+    return Fail(op, "no Hadamard construction H_" + std::to_string(size) + " with core " + std::to_string(core_size));
+  n = size, m = core_size, pow2 = factors->first;
+  const std::vector<int8_t> h = hadamard::CoreMatrix(m);
+  core.assign(h.begin(), h.end());
+  scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
+  return Ort::Status(nullptr);
+}
+
+int64_t HadamardRows::Work() const {
+  int64_t levels = 0;
+  for (int64_t p = pow2; p > 1; p /= 2) ++levels;
+  return n * (levels + m);
+}
+
+namespace {
+
 struct HadamardKernel : KernelBase<HadamardKernel>, HadamardSpec {
-  std::vector<float> core;  // H_m, row-major [m, m]
-  float scale = 1.0f;       // 1/√n
+  HadamardRows transform;
 
   Ort::Status Init(const OrtKernelInfo* info) {
     RESPIN_RETURN_IF_ERROR(HadamardSpec::Init(info));
-    if (m > kMaxCore)
-      return Fail(kName, "core size m = " + std::to_string(m) + " is larger than this kernel supports (" +
-                             std::to_string(kMaxCore) + ")");
-    const std::vector<int8_t> h = hadamard::CoreMatrix(m);
-    core.assign(h.begin(), h.end());
-    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
-    return Ort::Status(nullptr);
+    return transform.Init(kName, n, m);
   }
 
   Ort::Status Compute(Ort::KernelContext& ctx) {
@@ -79,15 +91,12 @@ struct HadamardKernel : KernelBase<HadamardKernel>, HadamardSpec {
     RESPIN_RETURN_IF_ERROR(Validate(x));
     float* y = AllocateOutput<float>(ctx, 0, x.shape);
     const int64_t rows = LeadingSize(x.shape);
-    int64_t levels = 0;
-    for (int64_t p = pow2; p > 1; p /= 2) ++levels;
-    const size_t tasks = TaskCount(rows, n * (levels + m));
+    const size_t tasks = TaskCount(rows, transform.Work());
     const float* xd = x.as<float>();
     return ParallelFor(ctx, tasks, [&](size_t t) {
       const auto [r0, r1] = TaskRange(t, tasks, rows);
-      std::vector<float> scratch(m == 1 ? 0 : 2 * n);
-      for (int64_t r = r0; r < r1; ++r)
-        TransformRow(xd + r * n, y + r * n, n, m, pow2, core.data(), scale, scratch.data());
+      std::vector<float> scratch(transform.ScratchFloats());
+      for (int64_t r = r0; r < r1; ++r) transform.Apply(xd + r * n, y + r * n, scratch.data());
     });
   }
 };

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "hadamard_rows.h"
 #include "op_specs.h"
 #include "respin_ops.h"
 
@@ -56,7 +57,33 @@ void QuantizeRow(const float* x, int64_t k, const QuantParams& p, int8_t* q, flo
 
 // ------------------------------------------------------------------------- DynamicQuantize
 
+// The rows a quantizer reads: X itself, or its Hadamard transform (the fused ops), one row at a time.
+struct RowSource {
+  HadamardRows transform;
+  bool fused = false;
+
+  Ort::Status Init(const char* op, const FusedHadamard& h) {
+    fused = h.n > 0;
+    return fused ? transform.Init(op, h.n, h.m) : Ort::Status(nullptr);
+  }
+  int64_t Work(int64_t k) const { return fused ? transform.Work() + 8 * k : 8 * k; }
+  // Per-task buffers: the rotated row and the transform's scratch.
+  std::vector<float> Buffer() const { return std::vector<float>(fused ? transform.n + transform.ScratchFloats() : 0); }
+  const float* Row(const float* x, float* buffer) const {
+    if (!fused) return x;
+    transform.Apply(x, buffer, buffer + transform.n);
+    return buffer;
+  }
+};
+
 struct DynamicQuantizeKernel : KernelBase<DynamicQuantizeKernel>, DynamicQuantizeSpec {
+  RowSource source;
+
+  Ort::Status Init(const OrtKernelInfo* info) {
+    RESPIN_RETURN_IF_ERROR(DynamicQuantizeSpec::Init(info));
+    return source.Init(kName, hadamard);
+  }
+
   Ort::Status Compute(Ort::KernelContext& ctx) {
     const Input x = ReadInput(ctx, 0);
     RESPIN_RETURN_IF_ERROR(Validate(x));
@@ -65,10 +92,12 @@ struct DynamicQuantizeKernel : KernelBase<DynamicQuantizeKernel>, DynamicQuantiz
     float* scale = AllocateOutput<float>(ctx, 1, PerTokenShape(x.shape));
     int8_t* zp = AllocateOutput<int8_t>(ctx, 2, PerTokenShape(x.shape));
     const float* xd = x.as<float>();
-    const size_t tasks = TaskCount(rows, 8 * k);
+    const size_t tasks = TaskCount(rows, source.Work(k));
     return ParallelFor(ctx, tasks, [&](size_t t) {
       const auto [r0, r1] = TaskRange(t, tasks, rows);
-      for (int64_t r = r0; r < r1; ++r) QuantizeRow(xd + r * k, k, params, q + r * k, scale[r], zp[r]);
+      std::vector<float> buffer = source.Buffer();
+      for (int64_t r = r0; r < r1; ++r)
+        QuantizeRow(source.Row(xd + r * k, buffer.data()), k, params, q + r * k, scale[r], zp[r]);
     });
   }
 };
@@ -76,6 +105,13 @@ struct DynamicQuantizeKernel : KernelBase<DynamicQuantizeKernel>, DynamicQuantiz
 // ------------------------------------------------------------------------------ QuantizeKV
 
 struct QuantizeKVKernel : KernelBase<QuantizeKVKernel>, QuantizeKVSpec {
+  RowSource source;
+
+  Ort::Status Init(const OrtKernelInfo* info) {
+    RESPIN_RETURN_IF_ERROR(QuantizeKVSpec::Init(info));
+    return source.Init(kName, hadamard);
+  }
+
   Ort::Status Compute(Ort::KernelContext& ctx) {
     const Input x = ReadInput(ctx, 0);
     RESPIN_RETURN_IF_ERROR(Validate(x));
@@ -87,16 +123,18 @@ struct QuantizeKVKernel : KernelBase<QuantizeKVKernel>, QuantizeKVSpec {
     float* scale = AllocateOutput<float>(ctx, 1, PerTokenShape(x.shape));
     int8_t* zp = AllocateOutput<int8_t>(ctx, 2, PerTokenShape(x.shape));
     const float* xd = x.as<float>();
-    const size_t tasks = TaskCount(rows, 8 * d);
+    const size_t tasks = TaskCount(rows, source.Work(d));
     return ParallelFor(ctx, tasks, [&](size_t t) {
       const auto [r0, r1] = TaskRange(t, tasks, rows);
       std::vector<int8_t> codes(packed ? d : 0);
+      std::vector<float> buffer = source.Buffer();
       for (int64_t r = r0; r < r1; ++r) {
+        const float* row = source.Row(xd + r * d, buffer.data());
         if (packed) {
-          QuantizeRow(xd + r * d, d, params, codes.data(), scale[r], zp[r]);
+          QuantizeRow(row, d, params, codes.data(), scale[r], zp[r]);
           int4::PackRow(codes.data(), d, static_cast<uint8_t*>(q) + r * stored);
         } else {
-          QuantizeRow(xd + r * d, d, params, static_cast<int8_t*>(q) + r * d, scale[r], zp[r]);
+          QuantizeRow(row, d, params, static_cast<int8_t*>(q) + r * d, scale[r], zp[r]);
         }
       }
     });

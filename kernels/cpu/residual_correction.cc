@@ -1,4 +1,4 @@
-// respin::ResidualCorrection — Y = X + ((X·Q)·M)·Qᵀ, X float32 [..., D], Q [D, r], M [r, r]
+// respin::ResidualCorrection — Y = (X + ((X·Q)·M)·Qᵀ) + Z (Z optional), X float32 [..., D], Q [D, r], M [r, r]
 // (the ReSpinQuant skip path). Row by row in float32: t = x·Q, u = t·M, y = x + u·Qᵀ, each
 // written as a sum of scaled rows (Qᵀ is transposed once per call) so the inner loops vectorize
 // without reassociating any float sum.
@@ -62,6 +62,11 @@ void CorrectRow(const float* x, float* y, const float* Q, const float* M, const 
   }
 }
 
+RESPIN_TARGET_CLONES
+void AddRow(float* y, const float* z, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) y[d] += z[d];
+}
+
 struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel>, ResidualCorrectionSpec {
   // Qᵀ of a constant Q (an initializer), transposed once at session creation: transposing per call
   // cost more than the correction itself when decoding one token.
@@ -95,8 +100,8 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel>, Residual
   }
 
   Ort::Status Compute(Ort::KernelContext& ctx) {
-    const Input x = ReadInput(ctx, 0), q = ReadInput(ctx, 1), mm = ReadInput(ctx, 2);
-    RESPIN_RETURN_IF_ERROR(Validate(x, q, mm));
+    const Input x = ReadInput(ctx, 0), q = ReadInput(ctx, 1), mm = ReadInput(ctx, 2), z = ReadInput(ctx, 3);
+    RESPIN_RETURN_IF_ERROR(Validate(x, q, mm, z));
     const int64_t D = q.shape[0], r = q.shape[1];
 
     float* y = AllocateOutput<float>(ctx, 0, x.shape);
@@ -113,8 +118,11 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel>, Residual
     return ParallelFor(ctx, tasks, [&](size_t task) {
       const auto [r0, r1] = TaskRange(task, tasks, rows);
       std::vector<float> scratch(2 * r);
-      for (int64_t i = r0; i < r1; ++i)
+      const float* zd = z.present ? z.as<float>() : nullptr;
+      for (int64_t i = r0; i < r1; ++i) {
         CorrectRow(xd + i * D, y + i * D, Q, M, Qt, D, r, scratch.data(), scratch.data() + r);
+        if (zd) AddRow(y + i * D, zd + i * D, D);  // the residual's add, last (the unfused graph's order)
+      }
     });
   }
 };

@@ -63,9 +63,9 @@ int respin_qmatmul(const int8_t* xq, const float* x_scale, const int8_t* x_zero_
                    const float* w_scale, const int8_t* w_zero_point, const float* bias, float* y, int64_t M,
                    int K, int N, int group_size, const RespinLaunch* launch, void* stream);
 
-/* y [rows, D] = x + ((x·Q)·M)·Qᵀ, Q [D, r], M [r, r], r ≤ 128. */
-int respin_residual_correction(const float* x, const float* Q, const float* M, float* y, int64_t rows, int D,
-                               int r, const RespinLaunch* launch, void* stream);
+/* y [rows, D] = (x + ((x·Q)·M)·Qᵀ) + z, Q [D, r], M [r, r], r ≤ 128; z [rows, D] or NULL. */
+int respin_residual_correction(const float* x, const float* Q, const float* M, const float* z, float* y,
+                               int64_t rows, int D, int r, const RespinLaunch* launch, void* stream);
 
 #ifdef __cplusplus
 }

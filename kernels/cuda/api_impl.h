@@ -222,14 +222,14 @@ int QMatMul(const int8_t* xq, const float* x_scale, const int8_t* x_zp, const vo
 // ------------------------------------------------------------------------ ResidualCorrection
 
 template <class Backend>
-int ResidualCorrection(const float* x, const float* Q, const float* M, float* y, int64_t rows, int D, int r,
-                       const RespinLaunch* launch, void* stream) {
+int ResidualCorrection(const float* x, const float* Q, const float* M, const float* z, float* y, int64_t rows, int D,
+                       int r, const RespinLaunch* launch, void* stream) {
   return Guarded("respin_residual_correction", [&] {
     if (rows < 0 || D < 1 || r < 0) Refuse("need rows >= 0, D >= 1, r >= 0");
     if (r > kMaxCorrectionRank)
       Refuse("rank r = " + std::to_string(r) + " is above the " + std::to_string(kMaxCorrectionRank) +
              " this kernel fuses");
-    CorrectionParams p{x, Q, M, y, rows, D, r, 1};
+    CorrectionParams p{x, Q, M, z, y, rows, D, r, 1};
     p.rows_per_block = launch && launch->rows_per_block
                            ? launch->rows_per_block
                            : FloorPow2(std::max<int64_t>(1, std::min<int64_t>(8192 / (D + 2 * r), rows)));
@@ -271,8 +271,8 @@ int ResidualCorrection(const float* x, const float* Q, const float* M, float* y,
     return respin::cuda::QMatMul<Backend>(xq, x_scale, x_zero_point, w, bits, w_scale, w_zero_point, bias, y,  \
                                           M, K, N, group_size, launch, stream);                                 \
   }                                                                                                             \
-  int respin_residual_correction(const float* x, const float* Q, const float* M, float* y, int64_t rows,      \
-                                 int D, int r, const RespinLaunch* launch, void* stream) {                     \
-    return respin::cuda::ResidualCorrection<Backend>(x, Q, M, y, rows, D, r, launch, stream);                   \
+  int respin_residual_correction(const float* x, const float* Q, const float* M, const float* z, float* y,    \
+                                 int64_t rows, int D, int r, const RespinLaunch* launch, void* stream) {       \
+    return respin::cuda::ResidualCorrection<Backend>(x, Q, M, z, y, rows, D, r, launch, stream);                \
   }                                                                                                             \
   }

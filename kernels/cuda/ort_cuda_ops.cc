@@ -39,7 +39,8 @@ struct DynamicQuantizeCuda : CudaKernelBase<DynamicQuantizeCuda>, DynamicQuantiz
     float* scale = AllocateOutput<float>(ctx, 1, PerTokenShape(x.shape));
     int8_t* zp = AllocateOutput<int8_t>(ctx, 2, PerTokenShape(x.shape));
     return Launched(kName, respin_quantize_rows(x.data, RESPIN_FLOAT32, LeadingSize(x.shape), static_cast<int>(x.last()),
-                                                0, params.bits, params.symmetric, params.clip, 0, q, scale, zp,
+                                                hadamard.n > 0, params.bits, params.symmetric, params.clip, 0, q,
+                                                scale, zp,
                                                 nullptr, ctx.GetGPUComputeStream()));
   }
 };
@@ -53,7 +54,7 @@ struct QuantizeKVCuda : CudaKernelBase<QuantizeKVCuda>, QuantizeKVSpec {
     float* scale = AllocateOutput<float>(ctx, 1, PerTokenShape(x.shape));
     int8_t* zp = AllocateOutput<int8_t>(ctx, 2, PerTokenShape(x.shape));
     return Launched(kName, respin_quantize_rows(x.data, RESPIN_FLOAT32, LeadingSize(x.shape), static_cast<int>(x.last()),
-                                                0, params.bits, 0, 1.0f, Packed(), q, scale, zp, nullptr,
+                                                hadamard.n > 0, params.bits, 0, 1.0f, Packed(), q, scale, zp, nullptr,
                                                 ctx.GetGPUComputeStream()));
   }
 };
@@ -86,10 +87,11 @@ struct QMatMulCuda : CudaKernelBase<QMatMulCuda>, QMatMulSpec {
 
 struct ResidualCorrectionCuda : CudaKernelBase<ResidualCorrectionCuda>, ResidualCorrectionSpec {
   Ort::Status Compute(Ort::KernelContext& ctx) {
-    const Input x = ReadInput(ctx, 0), q = ReadInput(ctx, 1), mm = ReadInput(ctx, 2);
-    RESPIN_RETURN_IF_ERROR(Validate(x, q, mm));
+    const Input x = ReadInput(ctx, 0), q = ReadInput(ctx, 1), mm = ReadInput(ctx, 2), z = ReadInput(ctx, 3);
+    RESPIN_RETURN_IF_ERROR(Validate(x, q, mm, z));
     float* y = AllocateOutput<float>(ctx, 0, x.shape);
-    return Launched(kName, respin_residual_correction(x.as<float>(), q.as<float>(), mm.as<float>(), y,
+    return Launched(kName, respin_residual_correction(x.as<float>(), q.as<float>(), mm.as<float>(),
+                                                      z.present ? z.as<float>() : nullptr, y,
                                                       LeadingSize(x.shape), static_cast<int>(q.shape[0]),
                                                       static_cast<int>(q.shape[1]), nullptr,
                                                       ctx.GetGPUComputeStream()));

@@ -1,4 +1,4 @@
-// ResidualCorrection on the GPU: Y = X + ((X·Q)·M)·Qᵀ, X float32 [rows, D], Q [D, r], M [r, r]
+// ResidualCorrection on the GPU: Y = (X + ((X·Q)·M)·Qᵀ) + Z (Z optional), X float32 [rows, D], Q [D, r], M [r, r]
 // (ReSpinQuant's rank-r skip path), fused for r ≤ 128: a block keeps R rows of X and their t = X·Q
 // and u = t·M in shared memory, so X is read once and Y written once.
 //   t[j] = Σ_d x[d]·Q[d, j]     (d ascending from 0)
@@ -20,6 +20,7 @@ struct CorrectionParams {
   const float* x;  // [rows, D]
   const float* Q;  // [D, r]
   const float* M;  // [r, r]
+  const float* z;  // [rows, D] added last (the residual's add, fused), or nullptr
   float* y;        // [rows, D]
   int64_t rows;
   int D, r;
@@ -75,7 +76,7 @@ struct CorrectionProgram {
         const float* q = p.Q + d * r;
         float acc = xs[e];
         for (int j = 0; j < r; ++j) acc = AddRn(acc, MulRn(u[j], q[j]));
-        p.y[row0 * D + e] = acc;
+        p.y[row0 * D + e] = p.z ? AddRn(acc, p.z[row0 * D + e]) : acc;
       }
     });
   }

@@ -83,14 +83,44 @@ inline Ort::Status ReadQuantParams(const OrtKernelInfo* info, const char* op, in
   return Ort::Status(nullptr);
 }
 
+// The fused quantizers' Hadamard (attributes hadamard = n, hadamard_m = m; n = 0: none): checked
+// against the construction at kernel creation, against X's last axis per call.
+struct FusedHadamard {
+  int64_t n = 0, m = 1;
+
+  Ort::Status Init(const OrtKernelInfo* info, const char* op) {
+    RESPIN_RETURN_IF_ERROR(IntAttribute(info, op, "hadamard", 0, n));
+    RESPIN_RETURN_IF_ERROR(IntAttribute(info, op, "hadamard_m", 1, m));
+    if (n < 0) return Fail(op, "attribute hadamard must be >= 0, got " + std::to_string(n));
+    if (n == 0) return Ort::Status(nullptr);
+    const auto factors = hadamard::Factorization(n);
+    if (!factors || factors->second != m)
+      return Fail(op, "attributes hadamard = " + std::to_string(n) + ", hadamard_m = " + std::to_string(m) +
+                          (factors ? ": its construction has m = " + std::to_string(factors->second)
+                                   : ": no Hadamard construction of that size"));
+    return Ort::Status(nullptr);
+  }
+
+  Ort::Status Validate(const char* op, const Input& x) const {
+    if (n && x.last() != n)
+      return Fail(op, "input X has last axis " + std::to_string(x.last()) + " (shape " + ShapeStr(x.shape) +
+                          "), but attribute hadamard = " + std::to_string(n) + " transforms rows of that size");
+    return Ort::Status(nullptr);
+  }
+};
+
 struct DynamicQuantizeSpec {
   static constexpr const char* kName = "DynamicQuantize";
   static constexpr std::array<Arg, 1> kInputs{{{kFloat, false}}};
   static constexpr std::array<Arg, 3> kOutputs{{{kInt8, false}, {kFloat, false}, {kInt8, false}}};
 
   QuantParams params;
+  FusedHadamard hadamard;
 
-  Ort::Status Init(const OrtKernelInfo* info) { return ReadQuantParams(info, kName, 8, true, params); }
+  Ort::Status Init(const OrtKernelInfo* info) {
+    RESPIN_RETURN_IF_ERROR(ReadQuantParams(info, kName, 8, true, params));
+    return hadamard.Init(info, kName);
+  }
 
   static void InferShapes(const ShapeInference& si) {
     const auto x = si.Input(0);
@@ -106,7 +136,7 @@ struct DynamicQuantizeSpec {
     RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
     if (x.shape.empty() || x.last() < 1)
       return Fail(kName, "input X must be [..., K] with K >= 1, got shape " + ShapeStr(x.shape));
-    return Ort::Status(nullptr);
+    return hadamard.Validate(kName, x);
   }
 };
 
@@ -118,8 +148,12 @@ struct QuantizeKVSpec {
   static constexpr std::array<Arg, 3> kOutputs{{{kAnyType, true}, {kFloat, false}, {kInt8, false}}};
 
   QuantParams params;
+  FusedHadamard hadamard;
 
-  Ort::Status Init(const OrtKernelInfo* info) { return ReadQuantParams(info, kName, 4, false, params); }
+  Ort::Status Init(const OrtKernelInfo* info) {
+    RESPIN_RETURN_IF_ERROR(ReadQuantParams(info, kName, 4, false, params));
+    return hadamard.Init(info, kName);
+  }
   bool Packed() const { return params.bits == 4; }
 
   // Xq's dtype follows `bits`, which onnxruntime cannot see: without this it would know no dtype
@@ -143,7 +177,7 @@ struct QuantizeKVSpec {
     RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
     if (x.shape.empty() || x.last() < 1)
       return Fail(kName, "input X must be [..., head_dim] with head_dim >= 1, got shape " + ShapeStr(x.shape));
-    return Ort::Status(nullptr);
+    return hadamard.Validate(kName, x);
   }
 
   // Allocates Xq [..., stored] and checks its dtype in the model against `bits`.
@@ -278,7 +312,7 @@ struct QMatMulSpec {
 
 struct ResidualCorrectionSpec {
   static constexpr const char* kName = "ResidualCorrection";
-  static constexpr std::array<Arg, 3> kInputs{{{kFloat, false}, {kFloat, false}, {kFloat, false}}};
+  static constexpr std::array<Arg, 4> kInputs{{{kFloat, false}, {kFloat, false}, {kFloat, false}, {kFloat, true}}};
   static constexpr std::array<Arg, 1> kOutputs{{{kFloat, false}}};
 
   Ort::Status Init(const OrtKernelInfo*) { return Ort::Status(nullptr); }
@@ -287,7 +321,7 @@ struct ResidualCorrectionSpec {
     if (const auto x = si.Input(0)) si.SetOutput(0, kFloat, *x);
   }
 
-  static Ort::Status Validate(const Input& x, const Input& q, const Input& mm) {
+  static Ort::Status Validate(const Input& x, const Input& q, const Input& mm, const Input& z) {
     RESPIN_RETURN_IF_ERROR(ExpectType(kName, "X", x, kFloat));
     RESPIN_RETURN_IF_ERROR(ExpectType(kName, "Q", q, kFloat));
     RESPIN_RETURN_IF_ERROR(ExpectType(kName, "M", mm, kFloat));
@@ -295,7 +329,10 @@ struct ResidualCorrectionSpec {
     if (q.shape.size() != 2) return Fail(kName, "input Q must be 2-D [D, r], got shape " + ShapeStr(q.shape));
     const int64_t D = q.shape[0], r = q.shape[1];
     RESPIN_RETURN_IF_ERROR(ExpectLastAxis(kName, "X", x, D, "D, the first axis of Q"));
-    return ExpectShape(kName, "M", mm, {r, r}, "[r, r], r = the second axis of Q");
+    RESPIN_RETURN_IF_ERROR(ExpectShape(kName, "M", mm, {r, r}, "[r, r], r = the second axis of Q"));
+    if (!z.present) return Ort::Status(nullptr);
+    RESPIN_RETURN_IF_ERROR(ExpectType(kName, "Z", z, kFloat));
+    return ExpectShape(kName, "Z", z, x.shape, "the shape of X");
   }
 };
 

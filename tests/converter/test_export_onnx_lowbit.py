@@ -69,9 +69,20 @@ def test_w4a4kv4_graph_matches_the_simulated_quant_model(tmp_path, tiny_llama, k
         rotations = Rotations("respin", near_hadamard_bases(shape, 0.05), R2)
     sim, out = _export(tmp_path, tiny_llama, rotations, SimSpec(wbits=4, abits=4, kvbits=4, rank=rank or 32))
     assert uses_custom_ops(out)
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    ops = {n.op_type for n in nodes}
     expected = {"Hadamard", "DynamicQuantize", "QMatMul", "QuantizeKV", "DequantizeKV"}
     assert expected <= ops and (("ResidualCorrection" in ops) == (rotate == "respin"))
+    # the online ops are fused where the graph allows: R3 on K into the cache's QuantizeKV, R4 into
+    # down_proj's DynamicQuantize, the skip corrections with the residual adds; only R3 on Q stands alone
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    L = shape.n_layers
+    assert sum(n.op_type == "Hadamard" for n in nodes) == L
+    assert sum(n.op_type == "QuantizeKV" and a.get("hadamard") == shape.head_dim for n, a in zip(nodes, attrs)) == L
+    assert sum(n.op_type == "DynamicQuantize" and a.get("hadamard") == shape.intermediate
+               for n, a in zip(nodes, attrs)) == L
+    corrections = [n for n in nodes if n.op_type == "ResidualCorrection"]
+    assert len(corrections) == (2 * L if rotate == "respin" else 0) and all(len(n.input) == 4 for n in corrections)
     decoder = OnnxDecoder(out)
     ids = _ids(2, 24, 2)
     reference, got = _torch_logits(sim.model, ids), decoder.logits(ids.numpy())

@@ -93,7 +93,7 @@ def test_residual_correction_on_gpu_equals_host(device, host, D, r):
     Q = np.linalg.qr(rng.standard_normal((D, r)))[0].astype(np.float32)
     M = (rng.standard_normal((r, r)) * 0.1).astype(np.float32)
     xg, Qg, Mg, yg = on_gpu(x), on_gpu(Q), on_gpu(M), empty(x.shape, torch.float32)
-    device.residual_correction(xg.data_ptr(), Qg.data_ptr(), Mg.data_ptr(), yg.data_ptr(), 17, D, r)
+    device.residual_correction(xg.data_ptr(), Qg.data_ptr(), Mg.data_ptr(), 0, yg.data_ptr(), 17, D, r)
     (y,) = synced(yg)
     np.testing.assert_array_equal(y, host.run_residual_correction(x, Q, M))
 

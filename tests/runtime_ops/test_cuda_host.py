@@ -246,6 +246,10 @@ def test_residual_correction_equals_cpu_kernel(kernels, D, r, rows):
     assert_close(y, reference.residual_correction(x, Q, M))
     for launch in (Launch(threads=32, rows_per_block=1), Launch(threads=512, rows_per_block=4)):
         np.testing.assert_array_equal(kernels.run_residual_correction(x, Q, M, launch=launch), y)
+    z = outliers(rng, (rows, D))  # the residual's add fused in, last
+    np.testing.assert_array_equal(kernels.run_residual_correction(x, Q, M, z), y + z)
+    np.testing.assert_array_equal(kernels.run_residual_correction(x, Q, M, z),
+                                  cpu_kernel("ResidualCorrection", {"X": x, "Q": Q, "M": M, "Z": z}))
 
 
 # -------------------------------------------------------------------------------- bad input

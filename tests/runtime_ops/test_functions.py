@@ -177,16 +177,17 @@ def test_residual_correction_matches_the_reference(r):
 def test_one_generic_body_serves_every_dynamic_quantize():
     nodes = [fn.make_node("DynamicQuantize", ["X"], [f"q{b}", f"s{b}", f"z{b}"], bits=b) for b in (4, 8)]
     (body,) = fn.function_protos(nodes + [helper.make_node("Relu", ["X"], ["R"])])
-    assert body.overload == "" and not body.attribute  # all three have defaults:
-    assert {a.name: helper.get_attribute_value(a) for a in body.attribute_proto} == {"bits": 8, "symmetric": 0,
-                                                                                      "clip": 1.0}
+    assert body.overload == "" and not body.attribute  # all have defaults:
+    assert {a.name: helper.get_attribute_value(a) for a in body.attribute_proto} == {
+        "bits": 8, "symmetric": 0, "clip": 1.0, "hadamard": 0, "hadamard_m": 1}
     x = _activations((2, 3, 40))
     bare = helper.make_node("DynamicQuantize", ["X"], ["Xq", "s", "z"], domain="respin", bits=4)  # not make_node's
     got = _run([bare], {"X": x}, ["Xq", "s", "z"], [3] * 3)
     for g, e in zip(got, ref.dynamic_quantize(x, bits=4)):
         np.testing.assert_array_equal(g, e)
     attrs = {a.name: a for a in nodes[0].attribute}  # defaults filled, clip typed float
-    assert {k: helper.get_attribute_value(a) for k, a in attrs.items()} == {"bits": 4, "symmetric": 0, "clip": 1.0}
+    assert {k: helper.get_attribute_value(a) for k, a in attrs.items()} == {
+        "bits": 4, "symmetric": 0, "clip": 1.0, "hadamard": 0, "hadamard_m": 1}
     assert attrs["clip"].type == onnx.AttributeProto.FLOAT
 
 
@@ -228,3 +229,55 @@ def test_empty_sequences_keep_their_shapes():
              fn.make_node("DequantizeKV", ["Kq", "ks", "kz"], ["KVd"], bits=4, head_dim=37)]
     got = _run(nodes, {"X": x, "KV": kv}, ["H", "Xq", "Kq", "KVd"], [3, 3, 4, 4])
     assert [g.shape for g in got] == [(1, 0, 96), (1, 0, 96), (1, 2, 0, 19), (1, 2, 0, 37)]
+
+
+def _hadamard_body(x: np.ndarray, n: int) -> np.ndarray:
+    node = fn.make_node("Hadamard", ["X"], ["Y"], n=n, m=hadamard_factorization(n)[1])
+    return _run([node], {"X": x}, ["Y"], [x.ndim])[0]
+
+
+@pytest.mark.parametrize("n", [64, 96, 1536])
+def test_fused_hadamard_dynamic_quantize_is_the_two_bodies(n):
+    """DynamicQuantize(hadamard = n) = DynamicQuantize(Hadamard(X)), bit for bit in the bodies."""
+    x = _activations((2, 5, n))
+    m = hadamard_factorization(n)[1]
+    node = fn.make_node("DynamicQuantize", ["X"], ["Xq", "s", "z"], bits=4, hadamard=n, hadamard_m=m)
+    assert node.overload == f"h{n}_m{m}"
+    got = _run([node], {"X": x}, ["Xq", "s", "z"], [3] * 3)
+    plain = fn.make_node("DynamicQuantize", ["Y"], ["Xq", "s", "z"], bits=4)
+    expected = _run([plain], {"Y": _hadamard_body(x, n)}, ["Xq", "s", "z"], [3] * 3)
+    for a, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, e)
+    q_ref = ref.dynamic_quantize(x, 4, 0, 1.0, n, m)[0]  # float64 reference transform: codes within ±1
+    assert np.abs(got[0].astype(int) - q_ref).max() <= 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_hadamard_quantize_kv_is_the_two_bodies(bits):
+    x = _activations((2, 3, 64))
+    node = fn.make_node("QuantizeKV", ["X"], ["Xq", "s", "z"], bits=bits, hadamard=64, hadamard_m=1)
+    assert node.overload == ("u4" if bits == 4 else "i8") + "_h64_m1"
+    got = _run([node], {"X": x}, ["Xq", "s", "z"], [3] * 3)
+    plain = fn.make_node("QuantizeKV", ["Y"], ["Xq", "s", "z"], bits=bits)
+    for a, e in zip(got, _run([plain], {"Y": _hadamard_body(x, 64)}, ["Xq", "s", "z"], [3] * 3), strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_fused_quantizers_refuse_a_hadamard_without_construction():
+    with pytest.raises(ValueError, match="n = 86 has no construction"):
+        fn.make_node("DynamicQuantize", ["X"], ["q", "s", "z"], hadamard=86)
+    with pytest.raises(ValueError, match="needs m = 36"):
+        fn.make_node("QuantizeKV", ["X"], ["q", "s", "z"], hadamard=576, hadamard_m=1)
+
+
+def test_residual_correction_with_addend():
+    D, r = 48, 6
+    Q = np.linalg.qr(RNG.standard_normal((D, r)))[0].astype(np.float32)
+    M = RNG.standard_normal((r, r)).astype(np.float32)
+    x, z = (RNG.standard_normal((2, 4, D)).astype(np.float32) for _ in range(2))
+    node = fn.make_node("ResidualCorrection", ["X", "Q", "M", "Z"], ["Y"])
+    assert node.overload == "addend"
+    (y,) = _run([node], {"X": x, "Q": Q, "M": M, "Z": z}, ["Y"], [3])
+    (plain,) = _run([fn.make_node("ResidualCorrection", ["X", "Q", "M"], ["Y"])], {"X": x, "Q": Q, "M": M}, ["Y"], [3])
+    np.testing.assert_array_equal(y, plain + z)  # the float32 add comes last
+    assert _rel_err(y, ref.residual_correction(x, Q, M, z)) <= 1e-5

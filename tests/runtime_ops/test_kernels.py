@@ -512,3 +512,49 @@ def test_kernels_replace_the_exporters_overloaded_bodies(case):
             assert_exact(got, expected)
         else:
             assert_close(got[0], expected[0])
+
+
+# --------------------------------------------------------------- fused forms (R4, R3 on K, residual add)
+
+QUANT_OUTPUTS = {"Xq": np.int8, "scale": np.float32, "zero_point": np.int8}
+
+
+@pytest.mark.parametrize("n,bits,symmetric", [(64, 4, 0), (576, 4, 0), (1536, 8, 1), (12, 4, 0)])
+def test_fused_hadamard_dynamic_quantize_is_the_two_kernels(n, bits, symmetric):
+    x = quantize_inputs((3, 5, n), ("fused", n))
+    m = hadamard_factorization(n)[1]
+    (rotated,) = run_op("Hadamard", {"X": x}, {"Y": np.float32}, n=n, m=m)
+    expected = run_op("DynamicQuantize", {"X": rotated}, QUANT_OUTPUTS, bits=bits, symmetric=symmetric)
+    fused = run_op("DynamicQuantize", {"X": x}, QUANT_OUTPUTS, bits=bits, symmetric=symmetric, hadamard=n, hadamard_m=m)
+    assert_exact(fused, tuple(expected))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_hadamard_quantize_kv_is_the_two_kernels(bits):
+    x = quantize_inputs((2, 3, 7, 64), ("fused kv", bits))
+    codes = {"Xq": np.uint8 if bits == 4 else np.int8, "scale": np.float32, "zero_point": np.int8}
+    (rotated,) = run_op("Hadamard", {"X": x}, {"Y": np.float32}, n=64, m=1)
+    expected = run_op("QuantizeKV", {"X": rotated}, codes, bits=bits)
+    assert_exact(run_op("QuantizeKV", {"X": x}, codes, bits=bits, hadamard=64, hadamard_m=1), tuple(expected))
+
+
+def test_residual_correction_adds_z_last():
+    g = rng("residual z")
+    x, z = (g.standard_normal((2, 5, 96)).astype(np.float32) for _ in range(2))
+    Q = np.linalg.qr(g.standard_normal((96, 8)))[0].astype(np.float32)
+    M = g.standard_normal((8, 8)).astype(np.float32)
+    (plain,) = run_op("ResidualCorrection", {"X": x, "Q": Q, "M": M}, {"Y": np.float32})
+    (fused,) = run_op("ResidualCorrection", {"X": x, "Q": Q, "M": M, "Z": z}, {"Y": np.float32})
+    np.testing.assert_array_equal(fused, plain + z)
+
+
+def test_fused_forms_check_their_inputs():
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(Exception, match="attribute hadamard = 128 transforms rows of that size"):
+        run_op("DynamicQuantize", {"X": x}, QUANT_OUTPUTS, hadamard=128, hadamard_m=1)
+    with pytest.raises(Exception, match="no Hadamard construction of that size"):
+        run_op("QuantizeKV", {"X": np.ones((2, 86), np.float32)}, {"Xq": np.uint8, "scale": np.float32,
+                                                                    "zero_point": np.int8}, hadamard=86)
+    Q, M = np.ones((64, 2), np.float32), np.ones((2, 2), np.float32)
+    with pytest.raises(Exception, match="input Z has shape"):
+        run_op("ResidualCorrection", {"X": x, "Q": Q, "M": M, "Z": np.ones((3, 64), np.float32)}, {"Y": np.float32})
