@@ -45,13 +45,31 @@ struct RowParams {
   int8_t* q_zero_point;     // [rows]
 };
 
+// Rows in shared memory. Without a core (m = 1) the butterfly's groups are 8 elements h0 apart and
+// a warp's lanes would hit 4 to 8 addresses of one bank; one pad word after every 8 elements makes
+// the h0 = 1 and h0 = 8 passes conflict-free (lane t of the first reads 9t + j: 9 is odd).
+struct SharedRows {
+  float* data;
+  int base;     // this view's first element in the block's linear element index
+  bool padded;
+
+  RESPIN_HD float& operator[](int i) const {
+    const int e = base + i;
+    return data[padded ? e + (e >> 3) : e];
+  }
+  RESPIN_HD SharedRows Row(int r, int n) const { return {data, base + r * n, padded}; }
+};
+
+RESPIN_HD bool PaddedRows(const RowParams& p) { return !(p.transform && p.m > 1); }
+
 // Shared memory layout of a block (byte offsets).
 struct RowShared {
   size_t buffer, second, masks, partials, bytes;
 };
 
 RESPIN_HD RowShared RowSharedLayout(const RowParams& p, int threads) {
-  const size_t elems = static_cast<size_t>(p.rows_per_block) * p.n;
+  size_t elems = static_cast<size_t>(p.rows_per_block) * p.n;
+  if (PaddedRows(p)) elems += elems / 8 + 1;
   RowShared s{};
   s.buffer = 0;
   s.second = elems * 4;
@@ -65,7 +83,7 @@ RESPIN_HD RowShared RowSharedLayout(const RowParams& p, int threads) {
 // The pass covering Sylvester levels h0, 2·h0, …, h0·2^(L−1) on one group of 2^L elements (in
 // place; groups of one pass are disjoint). g indexes the n / 2^L groups of a row.
 template <int L>
-RESPIN_HD void ButterflyGroup(float* row, int m, int h0, int g) {
+RESPIN_HD void ButterflyGroup(const SharedRows& row, int m, int h0, int g) {
   constexpr int kSize = 1 << L;
   const int d = g % m, rest = g / m;
   const int a_low = rest % h0, a_high = rest / h0;
@@ -129,8 +147,8 @@ struct RowProgram {
   RESPIN_HD static void Run(Exec& ex, const Params& p) {
     const int threads = ex.BlockThreads();
     const RowShared layout = RowSharedLayout(p, threads);
-    float* buffer = ex.template Shared<float>(layout.buffer);
-    float* second = ex.template Shared<float>(layout.second);
+    const SharedRows buffer{ex.template Shared<float>(layout.buffer), 0, PaddedRows(p)};
+    const SharedRows second{ex.template Shared<float>(layout.second), 0, false};
     uint64_t* masks = ex.template Shared<uint64_t>(layout.masks);
     float* partials = ex.template Shared<float>(layout.partials);
     const int R = p.rows_per_block, n = p.n;
@@ -146,12 +164,12 @@ struct RowProgram {
     });
     ex.Sync();
 
-    float* rows = buffer;
+    SharedRows rows = buffer;
     if (p.transform && p.m > 1) {
       ex.Threads([&](const ThreadCtx& c, Thread&) {  // X[2^k, m]·H_m
         for (int e = c.thread; e < elems; e += c.threads) {
           const int r = e / n, i = e % n, a = i / p.m, d = i % p.m;
-          const float* xa = buffer + r * n + a * p.m;
+          const SharedRows xa = buffer.Row(r, n).Row(a, p.m);
           const uint64_t* column = masks + d * p.words;
           float acc = 0.0f;
           for (int b = 0; b < p.m; ++b) {
@@ -172,7 +190,7 @@ struct RowProgram {
         const int groups = n >> levels;
         ex.Threads([&](const ThreadCtx& c, Thread&) {
           for (int t = c.thread; t < valid * groups; t += c.threads) {
-            float* row = rows + (t / groups) * n;
+            const SharedRows row = rows.Row(t / groups, n);
             if (levels == 3) ButterflyGroup<3>(row, p.m, h0, t % groups);
             else if (levels == 2) ButterflyGroup<2>(row, p.m, h0, t % groups);
             else ButterflyGroup<1>(row, p.m, h0, t % groups);
@@ -195,8 +213,8 @@ struct RowProgram {
 
   // Rows → codes. Warps per row W_r = max(1, W / R); with R ≥ W each warp does rows w, w + W, …
   template <class Exec>
-  RESPIN_HD static void QuantizeRows(Exec& ex, const Params& p, const float* rows, float* partials, int64_t row0,
-                                     int valid) {
+  RESPIN_HD static void QuantizeRows(Exec& ex, const Params& p, const SharedRows& rows, float* partials,
+                                     int64_t row0, int valid) {
     const int warps = ex.BlockThreads() / kWarpSize, R = p.rows_per_block, n = p.n;
     const int per_row = R >= warps ? 1 : warps / R;
     const int rounds = R >= warps ? R / warps : 1;
@@ -207,7 +225,7 @@ struct RowProgram {
         const int r = row_of(c), part = c.warp() % per_row;
         th.lo = Infinity(), th.hi = -Infinity(), th.amax = 0.0f;  // the identities of min and max
         if (r >= valid) return;
-        const float* x = rows + r * n;
+        const SharedRows x = rows.Row(r, n);
         const int begin = n * part / per_row, end = n * (part + 1) / per_row;
         for (int i = begin + c.lane(); i < end; i += kWarpSize) {
           const float v = p.transform ? MulRn(x[i], p.scale) : x[i];
@@ -241,7 +259,7 @@ struct RowProgram {
         const int r = row_of(c), part = c.warp() % per_row;
         if (r >= valid) return;
         const RowQuant rq = QuantParamsOf(th.lo, th.hi, th.amax, p.bits, p.symmetric, p.clip);
-        const float* x = rows + r * n;
+        const SharedRows x = rows.Row(r, n);
         const int64_t row = row0 + r;
         if (p.packed) {  // byte j holds elements 2j (low nibble) and 2j + 1, each as code + 8
           const int bytes = (n + 1) / 2, begin = bytes * part / per_row, end = bytes * (part + 1) / per_row;
