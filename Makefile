@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(wildcard kernels/CMakeLists.txt kernels/cpu/*.cc kernels/include/*.h)
+$(VENV)/.installed: pyproject.toml $(wildcard kernels/CMakeLists.txt kernels/cpu/*.cc kernels/include/*.h kernels/cuda/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"

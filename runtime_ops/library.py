@@ -80,15 +80,20 @@ def _require_tools(headers_present: bool) -> None:
 def build(verbose: bool = False) -> Path:
     """Fetch the onnxruntime headers if needed, configure and build kernels/ into build/kernels/ and
     install the library as runtime_ops/_lib/librespin_ops.so (incremental: unchanged sources only
-    re-link nothing). Returns the installed path; RuntimeError with one line naming what failed.
+    re-link nothing). The CUDA kernels are built where nvcc is found ($RESPIN_CUDA=ON requires them,
+    OFF skips them). Returns the installed path; RuntimeError with one line naming what failed.
     """
     include_dir = BUILD_DIR / "ort" / "usr" / "include" / "onnxruntime"
     _require_tools(headers_present=(include_dir / "onnxruntime_lite_custom_op.h").is_file())
     fetched = _run(["bash", str(KERNELS_DIR / "fetch_ort_headers.sh"), str(BUILD_DIR / "ort")],
                    "fetching the onnxruntime headers (kernels/fetch_ort_headers.sh)", verbose=False)
     include_dir = Path(fetched.strip().splitlines()[-1])
+    # RESPIN_CUDA=ON|OFF|AUTO (environment): whether the CUDA kernels must, must not or may be built
+    cuda = os.environ.get("RESPIN_CUDA", "AUTO").upper()
+    if cuda not in ("ON", "OFF", "AUTO"):
+        raise RuntimeError(f"RESPIN_CUDA must be ON, OFF or AUTO, got {cuda!r}")
     _run(["cmake", "-S", str(KERNELS_DIR), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
-          f"-DORT_INCLUDE_DIR={include_dir}"], "configuring kernels/ (cmake)", verbose)
+          f"-DORT_INCLUDE_DIR={include_dir}", f"-DRESPIN_CUDA={cuda}"], "configuring kernels/ (cmake)", verbose)
     _run(["cmake", "--build", str(BUILD_DIR), "--parallel", str(os.cpu_count() or 1)],
          "building kernels/ (cmake --build)", verbose)
     built = BUILD_DIR / LIBRARY_NAME
