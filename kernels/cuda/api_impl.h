@@ -184,8 +184,9 @@ void LaunchGemm(const QMatMulParams& p, int bm, int bn, void* stream) {
 
 template <class Backend, int BM, int BN, int WM, int WN>
 void LaunchMma(const QMatMulParams& p, void* stream) {
-  if (p.G == 1 || p.group % 64 == 0) return LaunchGemm<Backend, QMatMulMma<BM, BN, WM, WN, 64>>(p, BM, BN, stream);
-  return LaunchGemm<Backend, QMatMulMma<BM, BN, WM, WN, 32>>(p, BM, BN, stream);
+  if (p.G == 1) return LaunchGemm<Backend, QMatMulMma<BM, BN, WM, WN, 64, false>>(p, BM, BN, stream);
+  if (p.group % 64 == 0) return LaunchGemm<Backend, QMatMulMma<BM, BN, WM, WN, 64, true>>(p, BM, BN, stream);
+  return LaunchGemm<Backend, QMatMulMma<BM, BN, WM, WN, 32, true>>(p, BM, BN, stream);
 }
 
 template <class Backend>

@@ -106,7 +106,9 @@ RESPIN_HD float Finish(const QMatMulParams& p, double acc, int64_t m, int n) {
 
 // ------------------------------------------------------------------------------ tensor cores
 
-template <int BM, int BN, int WM, int WN, int BK>
+// kGrouped: several groups along K (float64 accumulators per output); without, the one group's E is
+// scaled and stored as soon as K is done (64 fewer registers a thread: two blocks per SM at 64×128).
+template <int BM, int BN, int WM, int WN, int BK, bool kGrouped>
 struct QMatMulMma {
   static_assert(BK % 32 == 0 && WM % 16 == 0 && WN % 8 == 0 && BM % WM == 0 && BN % WN == 0, "tile shape");
   using Params = QMatMulParams;
@@ -119,8 +121,9 @@ struct QMatMulMma {
   static constexpr size_t kSharedBytes = kSumW + 4 * BN;
 
   struct Thread {
+    static constexpr int AM = kGrouped ? MT : 1, AN = kGrouped ? NT : 1;
     int32_t c[MT][NT][4];     // S of the current group
-    double acc[MT][NT][4];    // Σ_g E·w_scale
+    double acc[AM][AN][4];    // Σ_g E·w_scale (grouped only)
     uint32_t a[MT][4];
     uint32_t b[NT][2];
     int32_t sum_x_before[MT][2];  // the running ΣX of this thread's rows at the group's start
@@ -150,7 +153,10 @@ RESPIN_UNROLL
 RESPIN_UNROLL
         for (int nt = 0; nt < NT; ++nt)
 RESPIN_UNROLL
-          for (int i = 0; i < 4; ++i) th.c[mt][nt][i] = 0, th.acc[mt][nt][i] = 0.0;
+          for (int i = 0; i < 4; ++i) {
+            th.c[mt][nt][i] = 0;
+            if constexpr (kGrouped) th.acc[mt][nt][i] = 0.0;
+          }
 RESPIN_UNROLL
       for (int mt = 0; mt < MT; ++mt) th.sum_x_before[mt][0] = th.sum_x_before[mt][1] = 0;
 RESPIN_UNROLL
@@ -180,18 +186,20 @@ RESPIN_UNROLL
       ex.Sync();  // the tiles and sums are overwritten next
     }
 
-    ex.Threads([&](const ThreadCtx& c, Thread& th) {
+    if constexpr (kGrouped) {
+      ex.Threads([&](const ThreadCtx& c, Thread& th) {
 RESPIN_UNROLL
-      for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 RESPIN_UNROLL
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 RESPIN_UNROLL
-          for (int i = 0; i < 4; ++i) {
-            const int64_t m = m0 + TileRow(c, mt, i);
-            const int n = n0 + TileCol(c, nt, i);
-            if (m < p.M && n < p.N) p.y[m * p.N + n] = Finish(p, th.acc[mt][nt][i], m, n);
-          }
-    });
+            for (int i = 0; i < 4; ++i) {
+              const int64_t m = m0 + TileRow(c, mt, i);
+              const int n = n0 + TileCol(c, nt, i);
+              if (m < p.M && n < p.N) p.y[m * p.N + n] = Finish(p, th.acc[mt][nt][i], m, n);
+            }
+      });
+    }
   }
 
   // Xq[m0 : m0+BM, k0 : k0+BK] and Wq[n0 : n0+BN, k0 : k0+BK] as int8 into shared memory (zeros
@@ -248,7 +256,8 @@ RESPIN_UNROLL
             const int64_t gw = sum_w[col] - th.sum_w_before[nt][i & 1];
             const int64_t idx = static_cast<int64_t>(n) * p.G + g;
             const int64_t exact = ExactGroupSum(th.c[mt][nt][i], gx, gw, p.x_zp[m], p.w_zp[idx], len);
-            th.acc[mt][nt][i] = AddGroup(th.acc[mt][nt][i], exact, p.w_scale[idx]);
+            if constexpr (kGrouped) th.acc[mt][nt][i] = AddGroup(th.acc[mt][nt][i], exact, p.w_scale[idx]);
+            else p.y[m * p.N + n] = Finish(p, AddGroup(0.0, exact, p.w_scale[idx]), m, n);  // the only group
           }
           th.c[mt][nt][i] = 0;
         }
