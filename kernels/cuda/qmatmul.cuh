@@ -130,6 +130,18 @@ struct QMatMulMma {
     int32_t sum_w_before[NT][2];
   };
 
+  // f(mt, nt, i) for every accumulator element of a thread (fully unrolled: register indices stay
+  // compile-time constants on the GPU).
+  template <class F>
+  RESPIN_HD static void ForEachAccumulator(F&& f) {
+RESPIN_UNROLL
+    for (int mt = 0; mt < MT; ++mt)
+RESPIN_UNROLL
+      for (int nt = 0; nt < NT; ++nt)
+RESPIN_UNROLL
+        for (int i = 0; i < 4; ++i) f(mt, nt, i);
+  }
+
   // The block tile's row (of BM) / column (of BN) of accumulator element (mt, nt, i) of a lane.
   RESPIN_HD static int TileRow(const ThreadCtx& c, int mt, int i) {
     return (c.warp() / kWarpsN) * WM + mt * 16 + c.lane() / 4 + (i >= 2 ? 8 : 0);
@@ -148,15 +160,10 @@ struct QMatMulMma {
     const int n0 = ex.BlockX() * BN;
 
     ex.Threads([&](const ThreadCtx& c, Thread& th) {
-RESPIN_UNROLL
-      for (int mt = 0; mt < MT; ++mt)
-RESPIN_UNROLL
-        for (int nt = 0; nt < NT; ++nt)
-RESPIN_UNROLL
-          for (int i = 0; i < 4; ++i) {
-            th.c[mt][nt][i] = 0;
-            if constexpr (kGrouped) th.acc[mt][nt][i] = 0.0;
-          }
+      ForEachAccumulator([&](int mt, int nt, int i) {
+        th.c[mt][nt][i] = 0;
+        if constexpr (kGrouped) th.acc[mt][nt][i] = 0.0;
+      });
 RESPIN_UNROLL
       for (int mt = 0; mt < MT; ++mt) th.sum_x_before[mt][0] = th.sum_x_before[mt][1] = 0;
 RESPIN_UNROLL
@@ -188,16 +195,11 @@ RESPIN_UNROLL
 
     if constexpr (kGrouped) {
       ex.Threads([&](const ThreadCtx& c, Thread& th) {
-RESPIN_UNROLL
-        for (int mt = 0; mt < MT; ++mt)
-RESPIN_UNROLL
-          for (int nt = 0; nt < NT; ++nt)
-RESPIN_UNROLL
-            for (int i = 0; i < 4; ++i) {
-              const int64_t m = m0 + TileRow(c, mt, i);
-              const int n = n0 + TileCol(c, nt, i);
-              if (m < p.M && n < p.N) p.y[m * p.N + n] = Finish(p, th.acc[mt][nt][i], m, n);
-            }
+        ForEachAccumulator([&](int mt, int nt, int i) {
+          const int64_t m = m0 + TileRow(c, mt, i);
+          const int n = n0 + TileCol(c, nt, i);
+          if (m < p.M && n < p.N) p.y[m * p.N + n] = Finish(p, th.acc[mt][nt][i], m, n);
+        });
       });
     }
   }
@@ -242,25 +244,20 @@ RESPIN_UNROLL
   RESPIN_HD static void CloseGroup(const ThreadCtx& c, const Params& p, int64_t m0, int n0, int g,
                                    const int32_t* sum_x, const int32_t* sum_w, Thread& th) {
     const int len = GroupLength(p, g);
-RESPIN_UNROLL
-    for (int mt = 0; mt < MT; ++mt)
-RESPIN_UNROLL
-      for (int nt = 0; nt < NT; ++nt)
-RESPIN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int r = TileRow(c, mt, i), col = TileCol(c, nt, i);
-          const int64_t m = m0 + r;
-          const int n = n0 + col;
-          if (m < p.M && n < p.N) {
-            const int64_t gx = sum_x[r] - th.sum_x_before[mt][i >> 1];
-            const int64_t gw = sum_w[col] - th.sum_w_before[nt][i & 1];
-            const int64_t idx = static_cast<int64_t>(n) * p.G + g;
-            const int64_t exact = ExactGroupSum(th.c[mt][nt][i], gx, gw, p.x_zp[m], p.w_zp[idx], len);
-            if constexpr (kGrouped) th.acc[mt][nt][i] = AddGroup(th.acc[mt][nt][i], exact, p.w_scale[idx]);
-            else p.y[m * p.N + n] = Finish(p, AddGroup(0.0, exact, p.w_scale[idx]), m, n);  // the only group
-          }
-          th.c[mt][nt][i] = 0;
-        }
+    ForEachAccumulator([&](int mt, int nt, int i) {
+      const int r = TileRow(c, mt, i), col = TileCol(c, nt, i);
+      const int64_t m = m0 + r;
+      const int n = n0 + col;
+      if (m < p.M && n < p.N) {
+        const int64_t gx = sum_x[r] - th.sum_x_before[mt][i >> 1];
+        const int64_t gw = sum_w[col] - th.sum_w_before[nt][i & 1];
+        const int64_t idx = static_cast<int64_t>(n) * p.G + g;
+        const int64_t exact = ExactGroupSum(th.c[mt][nt][i], gx, gw, p.x_zp[m], p.w_zp[idx], len);
+        if constexpr (kGrouped) th.acc[mt][nt][i] = AddGroup(th.acc[mt][nt][i], exact, p.w_scale[idx]);
+        else p.y[m * p.N + n] = Finish(p, AddGroup(0.0, exact, p.w_scale[idx]), m, n);  // the only group
+      }
+      th.c[mt][nt][i] = 0;
+    });
 RESPIN_UNROLL
     for (int mt = 0; mt < MT; ++mt)
       for (int h = 0; h < 2; ++h) th.sum_x_before[mt][h] = sum_x[TileRow(c, mt, 2 * h)];
