@@ -271,7 +271,8 @@ def _provenance(cfg: ConvertConfig, rotations: Rotations | None, qmodel: Quantiz
         "rotation.source": str(cfg.rotations_path.name) if cfg.rotations_path else "built",
         "quant.method": q.method if q.quantizes else "none",
         "quant.wtype": q.wtype,
-        "quant.head_type": q.head_type,
+        # a mixture types the head and embedding by llama-quantize's rules (--head-type is ignored)
+        "quant.head_type": "mixture" if gguf_mixture.is_mixture(q.wtype) else q.head_type,
         "quant.group_size": "mixture" if q.tensor_grids else 32,
         "calibration.text": f"{corpus.source} (calibration split: {corpus.rule})",
         "calibration.sha256": corpus.calibration_sha256,
