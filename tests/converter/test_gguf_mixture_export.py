@@ -49,7 +49,7 @@ def _llama_cpp_types(src, dst, ftype: str) -> dict[str, str]:
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_M", "Q2_K"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_K_S", "Q3_K_M", "Q5_K_M", "Q2_K"])
 def test_mixture_file_equals_llama_quantize_types_and_blocks_are_exact(k_model_dir, tmp_path, ftype):
     loaded = load_model(k_model_dir)
     fused = rotate_model(loaded, make_rotations("hadamard", loaded.shape))
