@@ -113,3 +113,17 @@ def test_tensor_type_overrides_and_plain_types(k_model_dir):
     assert grids["model.layers.3.self_attn.q_proj.weight"] == "q4_0"
     assert grids["lm_head.weight"] == "q8_0" and grids["model.embed_tokens.weight"] == "q8_0"  # head_type
     assert gguf_mixture.resolve(QuantConfig(wtype="q4_0"), fused, loaded.shape).tensor_grids == {}
+
+
+@pytest.mark.parametrize("wtype, head_type, expected", [("q4_k_m", "q8_0", "mixture"), ("q3_k_s", "q4_0", "mixture"),
+                                                        ("q4_0", "q8_0", "q8_0")])
+def test_provenance_names_the_head_type_a_mixture_ignores(wtype, head_type, expected):
+    from types import SimpleNamespace
+
+    from converter.pipeline import _provenance
+
+    cfg = SimpleNamespace(quant=QuantConfig(method="rtn", wtype=wtype, head_type=head_type), rotate="hadamard", seed=0,
+                          rotations_path=None)
+    corpus = SimpleNamespace(source="wiki", rule="every 10th article", calibration_sha256="0" * 64)
+    prov = _provenance(cfg, None, SimpleNamespace(n_calibration_tokens=0), corpus)
+    assert prov["quant.head_type"] == expected and prov["quant.wtype"] == wtype
