@@ -1,7 +1,11 @@
 // respin::ResidualCorrection — Y = (X + ((X·Q)·M)·Qᵀ) + Z (Z optional), X float32 [..., D], Q [D, r], M [r, r]
-// (the ReSpinQuant skip path). Row by row in float32: t = x·Q, u = t·M, y = x + u·Qᵀ, each
-// written as a sum of scaled rows (Qᵀ is transposed once per call) so the inner loops vectorize
-// without reassociating any float sum.
+// (the ReSpinQuant skip path). Row by row in float32: t = x·Q, u = t·M, y = x + u·Qᵀ, all three
+// read from one copy of Qᵀ [r, D] (transposed once at session creation for a constant Q): when
+// decoding, Q comes from DRAM on every call, so its bytes are the cost (two copies cost 18 µs a
+// call, one about half). Every float sum runs in a fixed order, the same on every ISA clone and in
+// the CUDA kernel, so they agree bit for bit:
+//   t[j] = Σ_l p_l (l ascending), p_l = Σ_{d ≡ l mod 16} x[d]·Q[d, j] (d ascending): 16 lanes
+//   u[l] = Σ_j t[j]·M[j, l] (j ascending);  y[d] = x[d] + Σ_j u[j]·Q[d, j] (from x[d], j ascending)
 #include <algorithm>
 #include <vector>
 
@@ -12,30 +16,21 @@
 namespace respin {
 namespace {
 
-// y = x + ((x·Q)·M)·Qᵀ for one row; t and u are scratch [r]. Every float sum runs in the same
-// order on every ISA (the vectorized axis is the one written, never a reduction), so the clones
-// agree bit for bit.
+constexpr int64_t kLanes = 16;  // = kCorrectionLanes of kernels/cuda/residual_correction.cuh
+
+// y = x + ((x·Q)·M)·Qᵀ for one row, Qt = Qᵀ [r, D]; t and u are scratch [r].
 RESPIN_TARGET_CLONES
-void CorrectRow(const float* x, float* y, const float* Q, const float* M, const float* Qt, int64_t D, int64_t r,
-                float* t, float* u) {
-  constexpr int64_t kLanes = 16;  // t = x·Q in register-sized chunks of 16 outputs (d ascending per output)
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= r; j0 += kLanes) {
-    float acc[kLanes] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float v = x[d];
-      const float* qd = Q + d * r + j0;
-      for (int64_t l = 0; l < kLanes; ++l) acc[l] += v * qd[l];
-    }
-    std::copy_n(acc, kLanes, t + j0);
-  }
-  if (j0 < r) {
-    std::fill_n(t + j0, r - j0, 0.0f);
-    for (int64_t d = 0; d < D; ++d) {
-      const float v = x[d];
-      const float* qd = Q + d * r;
-      for (int64_t j = j0; j < r; ++j) t[j] += v * qd[j];
-    }
+void CorrectRow(const float* x, float* y, const float* M, const float* Qt, int64_t D, int64_t r, float* t, float* u) {
+  for (int64_t j = 0; j < r; ++j) {  // t = x·Q: 16 lane sums over contiguous Qᵀ rows, then the lanes in order
+    const float* qj = Qt + j * D;
+    float lanes[kLanes] = {};
+    int64_t d0 = 0;
+    for (; d0 + kLanes <= D; d0 += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[d0 + l] * qj[d0 + l];
+    for (int64_t l = 0; d0 + l < D; ++l) lanes[l] += x[d0 + l] * qj[d0 + l];
+    float sum = 0.0f;
+    for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+    t[j] = sum;
   }
   std::fill_n(u, r, 0.0f);
   for (int64_t j = 0; j < r; ++j) {  // u = t·M
@@ -68,8 +63,8 @@ void AddRow(float* y, const float* z, int64_t D) {
 }
 
 struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel>, ResidualCorrectionSpec {
-  // Qᵀ of a constant Q (an initializer), transposed once at session creation: transposing per call
-  // cost more than the correction itself when decoding one token.
+  // Qᵀ of a constant Q (an initializer), transposed once at session creation (transposing per call
+  // cost more than the correction itself when decoding one token); Compute reads only this copy.
   std::vector<float> constant_qt;
   int64_t constant_d = 0, constant_r = 0;
 
@@ -120,7 +115,7 @@ struct ResidualCorrectionKernel : KernelBase<ResidualCorrectionKernel>, Residual
       std::vector<float> scratch(2 * r);
       const float* zd = z.present ? z.as<float>() : nullptr;
       for (int64_t i = r0; i < r1; ++i) {
-        CorrectRow(xd + i * D, y + i * D, Q, M, Qt, D, r, scratch.data(), scratch.data() + r);
+        CorrectRow(xd + i * D, y + i * D, M, Qt, D, r, scratch.data(), scratch.data() + r);
         if (zd) AddRow(y + i * D, zd + i * D, D);  // the residual's add, last (the unfused graph's order)
       }
     });

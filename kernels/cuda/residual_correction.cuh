@@ -1,7 +1,7 @@
 // ResidualCorrection on the GPU: Y = (X + ((X·Q)·M)·Qᵀ) + Z (Z optional), X float32 [rows, D], Q [D, r], M [r, r]
 // (ReSpinQuant's rank-r skip path), fused for r ≤ 128: a block keeps R rows of X and their t = X·Q
 // and u = t·M in shared memory, so X is read once and Y written once.
-//   t[j] = Σ_d x[d]·Q[d, j]     (d ascending from 0)
+//   t[j] = Σ_l p_l (l ascending from 0), p_l = Σ_{d ≡ l mod 16} x[d]·Q[d, j] (d ascending from 0)
 //   u[l] = Σ_j t[j]·M[j, l]     (j ascending from 0)
 //   y[d] = x[d] + Σ_j u[j]·Q[d, j]   (from x[d], j ascending)
 // each product and sum rounded on its own (no FMA): the CPU kernel's operations in its order, so the
@@ -15,6 +15,7 @@
 namespace respin::cuda {
 
 constexpr int kMaxCorrectionRank = 128;
+constexpr int kCorrectionLanes = 16;  // the CPU kernel's lane sums of t = x·Q (kernels/cpu/residual_correction.cc)
 
 struct CorrectionParams {
   const float* x;  // [rows, D]
@@ -53,8 +54,19 @@ struct CorrectionProgram {
       for (int e = c.thread; e < valid * r; e += c.threads) {
         const int row = e / r, j = e % r;
         const float* x = xs + row * D;
+        float lanes[kCorrectionLanes] = {};
+        int d0 = 0;
+        for (; d0 + kCorrectionLanes <= D; d0 += kCorrectionLanes) {
+          RESPIN_UNROLL
+          for (int l = 0; l < kCorrectionLanes; ++l)
+            lanes[l] = AddRn(lanes[l], MulRn(x[d0 + l], p.Q[(d0 + l) * r + j]));
+        }
+        RESPIN_UNROLL
+        for (int l = 0; l < kCorrectionLanes; ++l)  // the tail, unrolled with a guard: lanes stay in registers
+          if (d0 + l < D) lanes[l] = AddRn(lanes[l], MulRn(x[d0 + l], p.Q[(d0 + l) * r + j]));
         float acc = 0.0f;
-        for (int d = 0; d < D; ++d) acc = AddRn(acc, MulRn(x[d], p.Q[d * r + j]));
+        RESPIN_UNROLL
+        for (int l = 0; l < kCorrectionLanes; ++l) acc = AddRn(acc, lanes[l]);
         ts[e] = acc;
       }
     });

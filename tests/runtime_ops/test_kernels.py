@@ -558,3 +558,25 @@ def test_fused_forms_check_their_inputs():
     Q, M = np.ones((64, 2), np.float32), np.ones((2, 2), np.float32)
     with pytest.raises(Exception, match="input Z has shape"):
         run_op("ResidualCorrection", {"X": x, "Q": Q, "M": M, "Z": np.ones((3, 64), np.float32)}, {"Y": np.float32})
+
+
+# ------------------------------------------------------------------ benchmarks/online_ops.py's models
+def test_online_ops_benchmark_models_run_with_the_kernels():
+    """Every case of benchmarks/online_ops.py: the op's chain and its baseline's run on our kernels."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "online_ops.py"
+    spec = importlib.util.spec_from_file_location("online_ops", path)
+    bench = sys.modules.setdefault("online_ops", importlib.util.module_from_spec(spec))  # dataclasses need it there
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    for case in bench.cases():
+        for with_op in (True, False):
+            model = bench.build(case, with_op, False, rng)
+            session = ort.InferenceSession(model, session_options(True, 1))
+            feeds = {"x": rng.standard_normal(case.shape).astype(np.float32),
+                     "z": rng.standard_normal(case.shape).astype(np.float32)}
+            outputs = session.run(None, {a.name: feeds[a.name] for a in session.get_inputs()})
+            assert all(np.all(np.isfinite(o)) for o in outputs), case.name
+            ops = {n.op_type for n in onnx.load_from_string(model).graph.node}
+            assert (case.op in ops) == (with_op or case.baseline == "plain"), case.name
