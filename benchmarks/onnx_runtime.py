@@ -198,7 +198,7 @@ def ort_int4_quality(folder: Path, reference: Path) -> dict:
     return acc.result().describe()
 
 
-OVERHEAD_ROUNDS = 64  # paired rounds of OVERHEAD_TOKENS decoded tokens each, with and without the online ops (per-round ratios scatter ±25% on this shared machine)
+OVERHEAD_ROUNDS = 128  # paired rounds of OVERHEAD_TOKENS decoded tokens each, with and without the online ops (per-round ratios scatter ±25% on this shared machine)
 OVERHEAD_TOKENS = 32
 
 
@@ -231,10 +231,18 @@ def online_overhead(folder: Path, stripped: Path, kernels: bool) -> tuple[float,
     for i in range(OVERHEAD_ROUNDS):
         for name in (("with", "without") if i % 2 == 0 else ("without", "with")):
             times[name].append(decode(name))
-    ratios = [w / wo for w, wo in zip(times["with"], times["without"])]
+    ratios = np.asarray([w / wo for w, wo in zip(times["with"], times["without"])])
     tok_s = {k: [round(OVERHEAD_TOKENS / t, 1) for t in v] for k, v in times.items()}
-    return float(np.median(ratios)) - 1, {"decode_tok_s": tok_s, "ratio_min": round(min(ratios) - 1, 4),
-                                          "ratio_max": round(max(ratios) - 1, 4)}
+    return float(np.median(ratios)) - 1, {"decode_tok_s": tok_s, "ratio_min": round(float(ratios.min()) - 1, 4),
+                                          "ratio_max": round(float(ratios.max()) - 1, 4),
+                                          "ci95": [round(float(c) - 1, 4) for c in median_ci95(ratios)]}
+
+
+def median_ci95(values: np.ndarray, resamples: int = 10000) -> tuple[float, float]:
+    """95% bootstrap interval of the median (fixed seed: the same rounds give the same interval)."""
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(values, (resamples, len(values))), axis=1)
+    return tuple(np.percentile(medians, [2.5, 97.5]))
 
 
 def row(variant: str, folder: Path, kernels: bool, parity: dict) -> dict:
@@ -288,8 +296,13 @@ def markdown(result: dict) -> str:
               f"{result['online_overhead'] * 100:+.1f}% decode time (median of {result['online_overhead_rounds']} "
               f"paired rounds of {OVERHEAD_TOKENS} tokens in one process; per-round ratios from "
               f"{result['online_overhead_detail']['ratio_min'] * 100:+.1f}% to "
-              f"{result['online_overhead_detail']['ratio_max'] * 100:+.1f}%)."]
+              f"{result['online_overhead_detail']['ratio_max'] * 100:+.1f}%" + _ci_text(result) + ")."]
     return "\n".join(lines) + "\n"
+
+
+def _ci_text(result: dict) -> str:
+    ci = result["online_overhead_detail"].get("ci95")  # absent in results of the earlier method
+    return f"; 95% bootstrap interval of the median {ci[0] * 100:+.1f}% … {ci[1] * 100:+.1f}%" if ci else ""
 
 
 def rerun_overhead() -> dict:

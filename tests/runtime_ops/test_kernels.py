@@ -560,15 +560,21 @@ def test_fused_forms_check_their_inputs():
         run_op("ResidualCorrection", {"X": x, "Q": Q, "M": M, "Z": np.ones((3, 64), np.float32)}, {"Y": np.float32})
 
 
-# ------------------------------------------------------------------ benchmarks/online_ops.py's models
-def test_online_ops_benchmark_models_run_with_the_kernels():
-    """Every case of benchmarks/online_ops.py: the op's chain and its baseline's run on our kernels."""
+# ------------------------------------------------------------- the online-op benchmarks' models and stats
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (registered in sys.modules: its dataclasses need that)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "online_ops.py"
-    spec = importlib.util.spec_from_file_location("online_ops", path)
-    bench = sys.modules.setdefault("online_ops", importlib.util.module_from_spec(spec))  # dataclasses need it there
-    spec.loader.exec_module(bench)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_online_ops_benchmark_models_run_with_the_kernels():
+    """Every case of benchmarks/online_ops.py: the op's chain and its baseline's run on our kernels."""
+    bench = _benchmark("online_ops")
     rng = np.random.default_rng(0)
     for case in bench.cases():
         for with_op in (True, False):
@@ -580,3 +586,11 @@ def test_online_ops_benchmark_models_run_with_the_kernels():
             assert all(np.all(np.isfinite(o)) for o in outputs), case.name
             ops = {n.op_type for n in onnx.load_from_string(model).graph.node}
             assert (case.op in ops) == (with_op or case.baseline == "plain"), case.name
+
+
+def test_overhead_interval_brackets_the_median_and_is_reproducible():
+    bench = _benchmark("onnx_runtime")
+    ratios = np.random.default_rng(3).normal(1.05, 0.12, 128)
+    low, high = bench.median_ci95(ratios)
+    assert low < np.median(ratios) < high and high - low < 0.1
+    assert bench.median_ci95(ratios) == (low, high)
