@@ -198,7 +198,7 @@ def ort_int4_quality(folder: Path, reference: Path) -> dict:
     return acc.result().describe()
 
 
-OVERHEAD_ROUNDS = 128  # paired rounds of OVERHEAD_TOKENS decoded tokens each, with and without the online ops (per-round ratios scatter ±25% on this shared machine)
+OVERHEAD_ROUNDS = 128  # paired rounds of OVERHEAD_TOKENS decoded tokens each, with and without the online ops (per-round ratios scatter by tens of percent on this shared machine)
 OVERHEAD_TOKENS = 32
 
 

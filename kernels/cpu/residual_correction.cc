@@ -1,8 +1,8 @@
 // respin::ResidualCorrection — Y = (X + ((X·Q)·M)·Qᵀ) + Z (Z optional), X float32 [..., D], Q [D, r], M [r, r]
 // (the ReSpinQuant skip path). Row by row in float32: t = x·Q, u = t·M, y = x + u·Qᵀ, all three
 // read from one copy of Qᵀ [r, D] (transposed once at session creation for a constant Q): when
-// decoding, Q comes from DRAM on every call, so its bytes are the cost (two copies cost 18 µs a
-// call, one about half). Every float sum runs in a fixed order, the same on every ISA clone and in
+// decoding, Q comes from DRAM on every call, so its bytes are the cost (two copies cost 18.5 µs a
+// call cold, one 5.8 µs: benchmarks/online_ops.py). Every float sum runs in a fixed order, the same on every ISA clone and in
 // the CUDA kernel, so they agree bit for bit:
 //   t[j] = Σ_l p_l (l ascending), p_l = Σ_{d ≡ l mod 16} x[d]·Q[d, j] (d ascending): 16 lanes
 //   u[l] = Σ_j t[j]·M[j, l] (j ascending);  y[d] = x[d] + Σ_j u[j]·Q[d, j] (from x[d], j ascending)
