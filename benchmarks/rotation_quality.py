@@ -109,7 +109,9 @@ def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
 
     loaded = load_model(None)
     corpus = load_corpus(CorpusConfig())
-    train = TrainConfig(kind=kind, steps=settings["steps"], lr=settings["lr"], seq_len=settings["seq_len"],
+    train = TrainConfig(kind=kind, steps=settings["steps"], lr=settings["lr"],
+                        basis_lr_scale=settings["respin_basis_lr_scale"] if kind == "respin" else None,
+                        seq_len=settings["seq_len"],
                         batch_size=settings["batch_size"], quantize_weights=settings["quantize_weights"])
     spec = SimSpec(wbits=bits[0], abits=bits[1], kvbits=bits[2])
     segments = calibration_batches(loaded.tokenizer, corpus.calibration, settings["samples"], train.seq_len, seed=1)
@@ -313,6 +315,8 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
 @click.option("--calib-samples", default=32, show_default=True, help="GPTQ calibration segments of 512 tokens.")
 @click.option("--train-steps", default=32, show_default=True)
 @click.option("--train-lr", default=0.05, show_default=True)
+@click.option("--train-basis-lr-scale", type=float, default=None,
+              help="lr multiplier of each ReSpinQuant residual basis [default: TrainConfig's].")
 @click.option("--train-seq-len", default=256, show_default=True)
 @click.option("--train-batch", default=2, show_default=True)
 @click.option("--train-rtn-weights", is_flag=True, help="Fake-quantize weights (RTN) while training (default: W16, "
@@ -321,16 +325,21 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
 @click.option("--gptq-per-rank", is_flag=True, help="Run GPTQ for every ReSpinQuant rank (slower).")
 @click.option("--noise-seeds", default=2, show_default=True,
               help="Sign-flipped Hadamards evaluated at W4A4KV4 (RTN each; GPTQ the first) to measure the noise floor.")
+@click.option("--results-name", default="rotation_quality", show_default=True,
+              help="Write benchmarks/results/NAME.{json,md} (a partial rerun keeps the full table).")
 @click.option("--train-one", default=None, hidden=True)
 @click.option("--settings", default=None, hidden=True)
-def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_seq_len, train_batch, train_samples,
-         train_rtn_weights, gptq_per_rank, noise_seeds, train_one, settings):
+def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_basis_lr_scale, train_seq_len, train_batch,
+         train_samples, train_rtn_weights, gptq_per_rank, noise_seeds, results_name, train_one, settings):
     if train_one:
         kind, *bits = train_one.split(":")
         train_child(kind, tuple(int(b) for b in bits), json.loads(settings))
         return
     settings = {"steps": train_steps, "lr": train_lr, "seq_len": train_seq_len, "batch_size": train_batch,
                 "samples": train_samples, "quantize_weights": train_rtn_weights}
+    from rotations.training import RESPIN_BASIS_LR_SCALE
+
+    settings["respin_basis_lr_scale"] = train_basis_lr_scale or RESPIN_BASIS_LR_SCALE
     rows = [r for r in all_rows() if not only or r.slug in only or r.bits in only]
     bench = Bench(eval_tokens, ctx, calib_samples, settings, gptq_per_rank)
     log(f"FP PPL {bench.fp_ppl:.3f} on {bench.tokens} tokens; {len(rows)} rows")
@@ -343,9 +352,9 @@ def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_seq
             "targets": targets(results, bench.fp_ppl),
             "command": "python benchmarks/rotation_quality.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rotation_quality.json").write_text(json.dumps(data, indent=1))
+    (RESULTS / f"{results_name}.json").write_text(json.dumps(data, indent=1))
     table = markdown_table(results, bench.fp_ppl)
-    (RESULTS / "rotation_quality.md").write_text(table + "\n\ntargets: " + json.dumps(data["targets"], indent=1)
+    (RESULTS / f"{results_name}.md").write_text(table + "\n\ntargets: " + json.dumps(data["targets"], indent=1)
                                                  + "\n\nnoise floor: " + json.dumps(noise) + "\n")
     print(table)
     print(json.dumps(data["targets"], indent=1))

@@ -112,6 +112,9 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
 @click.option("--train-steps", default=32, show_default=True, help="spinquant/respin: Cayley SGD steps.")
 @click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
+@click.option("--train-basis-lr-scale", type=float, default=None,
+              help="Learning-rate multiplier of R1 (respin: of each of its 2L+1 residual bases) "
+                   "[default: 8 for respin, 1 for spinquant].")
 @click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
 @click.option("--train-batch", default=2, show_default=True, help="Segments per training step.")
 @click.option("--train-weights", default="auto", show_default=True,
@@ -219,7 +222,8 @@ def _convert(o: dict):
     sim = SimSpec(wbits=o["wbits"], abits=abits, kvbits=o["kvbits"] or low_bits, a_clip=o["a_clip"],
                   wquant=method, rank=o["rank"], wgrid=wgrid)
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
-                        lr=o["train_lr"], batch_size=o["train_batch"], seq_len=o["train_seq_len"],
+                        lr=o["train_lr"], basis_lr_scale=o["train_basis_lr_scale"], batch_size=o["train_batch"],
+                        seq_len=o["train_seq_len"],
                         checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method),
                         bf16=o["train_bf16"])
     resume = o["resume_path"]

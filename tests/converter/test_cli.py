@@ -28,7 +28,8 @@ def test_help_explains_every_option():
     out = _run("--help").output
     for option in ("--to", "--rotate", "--quant", "--wtype", "--head-type", "--act-order", "--damp", "--clip-search",
                    "--calib-samples", "--eval", "--kv-type", "--report", "--force", "--debug", "--rotations", "--rank",
-                   "--wbits", "--abits", "--kvbits", "--train-steps", "--resume", "--checkpoint"):
+                   "--wbits", "--abits", "--kvbits", "--train-steps", "--train-basis-lr-scale", "--resume",
+                   "--checkpoint"):
         assert option in out
 
 
@@ -134,6 +135,7 @@ def test_respin_learns_saves_and_reapplies_rotations(tiny_hf_dirs, tmp_path):
 
     rot = Rotations.load(out)
     assert rot.per_block and tuple(rot.R1.shape) == (5, 64, 64) and rot.config["train"]["steps"] == 3
+    assert rot.config["train"]["basis_lr_scale"] == 8.0  # the respin default, recorded with the rotations
     # re-applied without training: the same simulated model, the same perplexity
     again = tmp_path / "again.json"
     result = _run(tiny_hf_dirs["llama"], "--rotate", "respin", "--rotations", out, "-o", tmp_path / "copy.safetensors",

@@ -90,6 +90,24 @@ def test_training_path_keeps_the_fp_function(kind):
     assert (moved.R1 - start).abs().max() > 1e-4
 
 
+def test_basis_lr_scale_moves_r1_only():
+    """The first step of Cayley SGD with momentum is lr·A exactly (to first order): scaling R1's lr scales
+    how far R1 moves and leaves R2's step as it was."""
+    model, shape = _canonical()
+    start_r1, start_r2 = initial_rotations("respin", shape)
+    moves = {}
+    for scale in (1.0, 4.0):
+        rot = train_rotations(model, shape, _calibration(n=1), SIM, int_grid(4),
+                              TrainConfig(kind="respin", steps=1, seq_len=32, lr=1e-3, basis_lr_scale=scale),
+                              progress=False)
+        moves[scale] = (float((rot.R1 - start_r1).norm()), float((rot.R2 - start_r2).norm()))
+        assert orthogonality_error(rot.R1) < 1e-10
+    assert moves[4.0][0] == pytest.approx(4 * moves[1.0][0], rel=1e-2)
+    assert moves[4.0][1] == pytest.approx(moves[1.0][1], rel=1e-6)
+    with pytest.raises(RespinError, match="basis_lr_scale"):
+        TrainConfig(kind="respin", basis_lr_scale=0)
+
+
 def test_spinquant_layout_import_matches_own_fusion(tmp_path):
     """A file in SpinQuant's torch.save layout ("R1", "model.layers.{i}.self_attn.R2") fuses like our own."""
     model = tiny_model("llama", **{**KW, "dtype": torch.float64})
