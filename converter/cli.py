@@ -114,7 +114,7 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
 @click.option("--train-basis-lr-scale", type=float, default=None,
               help="Learning-rate multiplier of R1 (respin: of each of its 2L+1 residual bases) "
-                   "[default: 8 for respin, 1 for spinquant].")
+                   "[default: 1; 8 trains better respin bases whose transitions need rank full, see README].")
 @click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
 @click.option("--train-batch", default=2, show_default=True, help="Segments per training step.")
 @click.option("--train-weights", default="auto", show_default=True,

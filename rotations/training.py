@@ -36,9 +36,11 @@ from rotations.rotations import LEARNED_KINDS, Rotations
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "respin-export rotation checkpoint 1"
-# SmolLM2, W16A4KV4, 32 steps: held-out *calibration* PPL (16 × 512 tokens, exact skip path) of
-# Hadamard 38.04; respin at ×1 36.84 (drift 0.006), at ×8 33.58 (drift 0.042)
-RESPIN_BASIS_LR_SCALE = 8.0
+# ×8 trains better bases (SmolLM2 held-out calibration W16A4KV4 PPL, exact skip path: Hadamard 38.04,
+# ×1 36.84, ×8 33.58; benchmarks/respin_basis_lr.py) but their transitions are no longer low-rank:
+# W4A4KV4 GPTQ at rank 32 got worse (30.62 → 38.50) while rank full improved (29.36 → 27.70). The
+# default rank is 32, so the default scale stays 1.
+RESPIN_BASIS_LR_SCALE = 1.0
 
 
 @dataclass(frozen=True)
