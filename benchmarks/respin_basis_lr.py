@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Held-out check of ReSpinQuant's basis lr scale (how `RESPIN_BASIS_LR_SCALE` was chosen).
+"""Held-out check of ReSpinQuant's basis lr scale (`TrainConfig.basis_lr_scale`).
 
 Trains respin rotations on SmolLM2 with each R1 lr multiplier (W16A4KV4 training, the CLI's other
 defaults) and reports the W16A4KV4 perplexity of the stored rotations (float32, re-orthogonalized:
@@ -29,13 +29,12 @@ sys.path.insert(0, str(HERE.parent))
 @click.option("--steps", default=32, show_default=True)
 @click.option("--heldout", default=16, show_default=True, help="Held-out calibration segments of 512 tokens.")
 def main(scales: str, steps: int, heldout: int) -> None:
-    import torch
-
     from converter.data import CorpusConfig, calibration_batches, evaluation_tokens, load_corpus
     from converter.loading import load_model
     from converter.simquant import SimSpec, build_simquant, learn_rotations
     from rotations.rotations import hadamard_rotations
     from rotations.training import TrainConfig
+    from rotation_quality import drift  # this folder is the script's sys.path[0]
 
     loaded = load_model(None)
     corpus = load_corpus(CorpusConfig())
@@ -56,9 +55,8 @@ def main(scales: str, steps: int, heldout: int) -> None:
         cfg = TrainConfig(kind="respin", steps=steps, basis_lr_scale=scale, quantize_weights=False)
         start = time.perf_counter()
         rot = learn_rotations(loaded, cfg, spec.online(), None, train_segments).as_stored()
-        drift = float((torch.linalg.norm(rot.R1 - hadamard.R1, dim=(-2, -1)) / torch.linalg.norm(hadamard.R1)).mean())
         rows.append({"rotations": "respin", "basis_lr_scale": scale, "heldout_ppl": heldout_ppl(rot),
-                     "drift": drift, "train_s": round(time.perf_counter() - start, 1)})
+                     "drift": drift(rot), "train_s": round(time.perf_counter() - start, 1)})
         print(rows[-1], flush=True)
     out = HERE / "results" / "respin_basis_lr.json"
     out.write_text(json.dumps({"sim": "W16A4KV4, exact skip path", "heldout_tokens": heldout * 512,

@@ -110,7 +110,7 @@ def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
     loaded = load_model(None)
     corpus = load_corpus(CorpusConfig())
     train = TrainConfig(kind=kind, steps=settings["steps"], lr=settings["lr"],
-                        basis_lr_scale=settings["respin_basis_lr_scale"] if kind == "respin" else None,
+                        basis_lr_scale=settings["respin_basis_lr_scale"] if kind == "respin" else 1.0,
                         seq_len=settings["seq_len"],
                         batch_size=settings["batch_size"], quantize_weights=settings["quantize_weights"])
     spec = SimSpec(wbits=bits[0], abits=bits[1], kvbits=bits[2])
@@ -315,8 +315,8 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
 @click.option("--calib-samples", default=32, show_default=True, help="GPTQ calibration segments of 512 tokens.")
 @click.option("--train-steps", default=32, show_default=True)
 @click.option("--train-lr", default=0.05, show_default=True)
-@click.option("--train-basis-lr-scale", type=float, default=None,
-              help="lr multiplier of each ReSpinQuant residual basis [default: TrainConfig's].")
+@click.option("--train-basis-lr-scale", default=1.0, show_default=True,
+              help="lr multiplier of each ReSpinQuant residual basis.")
 @click.option("--train-seq-len", default=256, show_default=True)
 @click.option("--train-batch", default=2, show_default=True)
 @click.option("--train-rtn-weights", is_flag=True, help="Fake-quantize weights (RTN) while training (default: W16, "
@@ -337,9 +337,7 @@ def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_bas
         return
     settings = {"steps": train_steps, "lr": train_lr, "seq_len": train_seq_len, "batch_size": train_batch,
                 "samples": train_samples, "quantize_weights": train_rtn_weights}
-    from rotations.training import RESPIN_BASIS_LR_SCALE
-
-    settings["respin_basis_lr_scale"] = train_basis_lr_scale or RESPIN_BASIS_LR_SCALE
+    settings["respin_basis_lr_scale"] = train_basis_lr_scale
     rows = [r for r in all_rows() if not only or r.slug in only or r.bits in only]
     bench = Bench(eval_tokens, ctx, calib_samples, settings, gptq_per_rank)
     log(f"FP PPL {bench.fp_ppl:.3f} on {bench.tokens} tokens; {len(rows)} rows")

@@ -112,9 +112,9 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
 @click.option("--train-steps", default=32, show_default=True, help="spinquant/respin: Cayley SGD steps.")
 @click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
-@click.option("--train-basis-lr-scale", type=float, default=None,
-              help="Learning-rate multiplier of R1 (respin: of each of its 2L+1 residual bases) "
-                   "[default: 1; 8 trains better respin bases whose transitions need rank full, see README].")
+@click.option("--train-basis-lr-scale", default=1.0, show_default=True,
+              help="Learning-rate multiplier of R1 (respin: of each of its 2L+1 residual bases; 8 trains better "
+                   "respin bases whose transitions need rank full, see README).")
 @click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
 @click.option("--train-batch", default=2, show_default=True, help="Segments per training step.")
 @click.option("--train-weights", default="auto", show_default=True,

@@ -36,11 +36,6 @@ from rotations.rotations import LEARNED_KINDS, Rotations
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "respin-export rotation checkpoint 1"
-# ×8 trains better bases (SmolLM2 held-out calibration W16A4KV4 PPL, exact skip path: Hadamard 38.04,
-# ×1 36.84, ×8 33.58; benchmarks/respin_basis_lr.py) but their transitions are no longer low-rank:
-# W4A4KV4 GPTQ at rank 32 got worse (30.62 → 38.50) while rank full improved (29.36 → 27.70). The
-# default rank is 32, so the default scale stays 1.
-RESPIN_BASIS_LR_SCALE = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,10 +49,13 @@ class TrainConfig:
     steps: int = 32
     lr: float = 0.05  # Cayley step size, cosine-decayed to 0
     momentum: float = 0.9
-    # lr multiplier of R1's group (None: RESPIN_BASIS_LR_SCALE for respin, 1 for spinquant).
-    # ReSpinQuant's 2L+1 bases each see only their own blocks' share of the gradient SpinQuant's
-    # single R1 sums, and at one lr moved ~10x less (drift 0.006 vs 0.053)
-    basis_lr_scale: float | None = None
+    # lr multiplier of R1's group. ReSpinQuant's 2L+1 bases each see only their own blocks' share of
+    # the gradient SpinQuant's single R1 sums, and at one lr moved ~10x less (drift 0.006 vs 0.053).
+    # ×8 trains better bases (SmolLM2 held-out calibration W16A4KV4 PPL, exact skip path: Hadamard
+    # 38.04, ×1 36.84, ×8 33.58; benchmarks/respin_basis_lr.py) but their transitions are no longer
+    # low-rank: W4A4KV4 GPTQ at rank 32 got worse (30.62 → 38.50), rank full better (29.36 → 27.70).
+    # The default rank is 32, so the default stays 1.
+    basis_lr_scale: float = 1.0
     batch_size: int = 2
     seq_len: int = 256
     # RTN fake quant of the weights while training; off ("W16") is SpinQuant's recipe when GPTQ
@@ -74,8 +72,6 @@ class TrainConfig:
             raise RespinError(f"cannot train '{self.kind}' rotations: learned kinds are {', '.join(LEARNED_KINDS)}")
         if self.init not in ("hadamard", "identity"):
             raise RespinError(f"unknown rotation init '{self.init}': hadamard | identity")
-        if self.basis_lr_scale is None:
-            object.__setattr__(self, "basis_lr_scale", RESPIN_BASIS_LR_SCALE if self.kind == "respin" else 1.0)
         if self.basis_lr_scale <= 0:
             raise RespinError(f"basis_lr_scale must be > 0 (got {self.basis_lr_scale})")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
@@ -223,8 +219,9 @@ def _load_checkpoint(path: Path | None, cfg: TrainConfig, shape: ModelShape, dev
     defaults = {"basis_lr_scale": 1.0}  # checkpoints written before the key existed
     for key in ("kind", "steps", "lr", "momentum", "basis_lr_scale", "batch_size", "seq_len", "seed", "learn_r2",
                 "init", "quantize_weights"):
-        if saved.get(key, defaults.get(key)) != getattr(cfg, key):
-            raise RespinError(f"checkpoint {path} was made with {key}={saved.get(key, defaults.get(key))!r}, this run has "
+        made_with = saved.get(key, defaults.get(key))
+        if made_with != getattr(cfg, key):
+            raise RespinError(f"checkpoint {path} was made with {key}={made_with!r}, this run has "
                               f"{key}={getattr(cfg, key)!r}: resume with the same settings")
     state = _fresh_state(cfg, shape, device)
     if tuple(ckpt["R1"].shape) != tuple(state.R1.shape):
