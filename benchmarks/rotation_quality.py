@@ -99,6 +99,12 @@ def rotations_path(kind: str, bits: tuple[int, int, int]) -> Path:
     return WORK / "rotations" / f"{kind}-W{bits[0]}A{bits[1]}KV{bits[2]}.safetensors"
 
 
+def respin_penalty(settings: dict) -> dict:
+    """TrainConfig fields of the rank-32 penalty (the table's headline rank; 0: none)."""
+    weight = settings["respin_rank32_penalty"]
+    return {"skip_rank": 32 if weight else None, "skip_rank_penalty": weight}
+
+
 def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
     """Runs in a child process: train, save rotations + {train_s, peak_rss_mb}."""
     from converter.data import CorpusConfig, calibration_batches, load_corpus
@@ -111,6 +117,7 @@ def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
     corpus = load_corpus(CorpusConfig())
     train = TrainConfig(kind=kind, steps=settings["steps"], lr=settings["lr"],
                         basis_lr_scale=settings["respin_basis_lr_scale"] if kind == "respin" else 1.0,
+                        **(respin_penalty(settings) if kind == "respin" else {}),
                         seq_len=settings["seq_len"],
                         batch_size=settings["batch_size"], quantize_weights=settings["quantize_weights"])
     spec = SimSpec(wbits=bits[0], abits=bits[1], kvbits=bits[2])
@@ -317,6 +324,8 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
 @click.option("--train-lr", default=0.05, show_default=True)
 @click.option("--train-basis-lr-scale", default=1.0, show_default=True,
               help="lr multiplier of each ReSpinQuant residual basis.")
+@click.option("--train-rank-penalty", default=0.0, show_default=True,
+              help="Weight of ReSpinQuant's rank-32 tail-energy penalty (TrainConfig.skip_rank_penalty).")
 @click.option("--train-seq-len", default=256, show_default=True)
 @click.option("--train-batch", default=2, show_default=True)
 @click.option("--train-rtn-weights", is_flag=True, help="Fake-quantize weights (RTN) while training (default: W16, "
@@ -329,7 +338,8 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
               help="Write benchmarks/results/NAME.{json,md} (a partial rerun keeps the full table).")
 @click.option("--train-one", default=None, hidden=True)
 @click.option("--settings", default=None, hidden=True)
-def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_basis_lr_scale, train_seq_len, train_batch,
+def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_basis_lr_scale, train_rank_penalty,
+         train_seq_len, train_batch,
          train_samples, train_rtn_weights, gptq_per_rank, noise_seeds, results_name, train_one, settings):
     if train_one:
         kind, *bits = train_one.split(":")
@@ -338,6 +348,7 @@ def main(only, eval_tokens, ctx, calib_samples, train_steps, train_lr, train_bas
     settings = {"steps": train_steps, "lr": train_lr, "seq_len": train_seq_len, "batch_size": train_batch,
                 "samples": train_samples, "quantize_weights": train_rtn_weights}
     settings["respin_basis_lr_scale"] = train_basis_lr_scale
+    settings["respin_rank32_penalty"] = train_rank_penalty
     rows = [r for r in all_rows() if not only or r.slug in only or r.bits in only]
     bench = Bench(eval_tokens, ctx, calib_samples, settings, gptq_per_rank)
     log(f"FP PPL {bench.fp_ppl:.3f} on {bench.tokens} tokens; {len(rows)} rows")

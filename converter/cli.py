@@ -115,6 +115,9 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--train-basis-lr-scale", default=1.0, show_default=True,
               help="Learning-rate multiplier of R1 (respin: of each of its 2L+1 residual bases; 8 trains better "
                    "respin bases whose transitions need rank full, see README).")
+@click.option("--train-rank-penalty", default=0.0, show_default=True,
+              help="respin: weight of a loss term that keeps each skip transition's change inside --rank directions "
+                   "(what the rank-r correction can carry); needs an integer --rank, see README.")
 @click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
 @click.option("--train-batch", default=2, show_default=True, help="Segments per training step.")
 @click.option("--train-weights", default="auto", show_default=True,
@@ -223,6 +226,7 @@ def _convert(o: dict):
                   wquant=method, rank=o["rank"], wgrid=wgrid)
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
                         lr=o["train_lr"], basis_lr_scale=o["train_basis_lr_scale"], batch_size=o["train_batch"],
+                        skip_rank_penalty=o["train_rank_penalty"], skip_rank=_penalty_rank(o),
                         seq_len=o["train_seq_len"],
                         checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method),
                         bf16=o["train_bf16"])
@@ -237,6 +241,16 @@ def _convert(o: dict):
         write_report(report, report_path)
     _print_summary(report)
     return report
+
+
+def _penalty_rank(o: dict) -> int | None:
+    """The rank a --train-rank-penalty aims at: the export's --rank (None without a penalty)."""
+    if not o["train_rank_penalty"]:
+        return None
+    try:
+        return int(o["rank"])
+    except ValueError:
+        raise RespinError(f"--train-rank-penalty needs an integer --rank (got {o['rank']!r})") from None
 
 
 def _train_weights(o: dict, method: str) -> bool:

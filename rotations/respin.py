@@ -106,6 +106,24 @@ def compress_transition(T: torch.Tensor, rank: int) -> SkipCorrection:
     return SkipCorrection(Q, R_hat - torch.eye(rank, dtype=torch.float64, device=T.device))
 
 
+def tail_energy(T: torch.Tensor, rank: int) -> torch.Tensor:
+    """½‖T − I‖²_F outside the top-`rank` subspace of T − I, per transition [..., D, D] → [...]:
+    what compressing T to that rank throws away (T is normal, so the top subspace is invariant and
+    the compression error is exactly this tail). With U the subspace, ½‖(T − I)U‖² = r − tr(UᵀTU),
+    so tail = (D − r) − tr(T) + tr(UᵀTU). U is found without gradient (it maximizes the kept part,
+    so its own derivative does not enter): a training penalty that pushes each T's change into
+    `rank` directions, the ones the deployed rank-r correction keeps."""
+    D = T.shape[-1]
+    if not 0 <= rank <= D:
+        raise RespinError(f"skip rank must be in 0..{D} (got {rank})")
+    with torch.no_grad():
+        T64 = T.detach().to(torch.float64)
+        _, V = torch.linalg.eigh(2 * torch.eye(D, dtype=torch.float64, device=T.device) - T64 - T64.mT)
+        U = V[..., D - rank:].to(T.dtype)
+    kept = (U.mT @ T @ U).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (D - rank) - T.diagonal(dim1=-2, dim2=-1).sum(-1) + kept
+
+
 def skip_corrections(bases: torch.Tensor, rank: int) -> list[SkipCorrection]:
     """The 2L compressed corrections of per-block bases at one rank."""
     return [compress_transition(T, rank) for T in transitions(bases.to(torch.float64))]

@@ -30,7 +30,7 @@ from rotations.cayley import CayleySGD, cosine_lr
 from rotations.fusion import layer_params, rotate_layer_weights
 from rotations.hadamard import offline_rotation
 from rotations.online import SimQuantConfig, SkipCorrections, attach_simquant
-from rotations.respin import dense_correction, transitions
+from rotations.respin import dense_correction, tail_energy, transitions
 from rotations.rotations import LEARNED_KINDS, Rotations
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ class TrainConfig:
     # low-rank: W4A4KV4 GPTQ at rank 32 got worse (30.62 → 38.50), rank full better (29.36 → 27.70).
     # The default rank is 32, so the default stays 1.
     basis_lr_scale: float = 1.0
+    # respin: adds `skip_rank_penalty` × the mean tail energy of the transitions at `skip_rank` (the
+    # export's rank) to the loss, so training keeps each T_b's change where the rank-r correction
+    # can carry it (`rotations.respin.tail_energy`). 0: the papers' plain cross-entropy.
+    skip_rank: int | None = None
+    skip_rank_penalty: float = 0.0
     batch_size: int = 2
     seq_len: int = 256
     # RTN fake quant of the weights while training; off ("W16") is SpinQuant's recipe when GPTQ
@@ -74,6 +79,10 @@ class TrainConfig:
             raise RespinError(f"unknown rotation init '{self.init}': hadamard | identity")
         if self.basis_lr_scale <= 0:
             raise RespinError(f"basis_lr_scale must be > 0 (got {self.basis_lr_scale})")
+        if self.skip_rank_penalty < 0:
+            raise RespinError(f"skip_rank_penalty must be >= 0 (got {self.skip_rank_penalty})")
+        if self.skip_rank_penalty > 0 and (self.kind != "respin" or self.skip_rank is None or self.skip_rank < 0):
+            raise RespinError("a skip-rank penalty needs respin rotations and an integer rank (not 'full')")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
             raise RespinError("training needs steps, batch size and checkpoint interval >= 1 and seq_len >= 2")
 
@@ -133,16 +142,17 @@ def train_rotations(model: torch.nn.Module, shape: ModelShape, calibration: torc
             for group in state.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             ids = _batch(calibration, order, state.step, cfg).to(device)
-            loss = _loss(model, ids, state, canonical, shape, weight_spec, bases, skips, cfg)
+            loss, tail = _loss(model, ids, state, canonical, shape, weight_spec, bases, skips, cfg)
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + cfg.skip_rank_penalty * tail).backward()
             state.optimizer.step()
             state.step += 1
             state.losses.append(float(loss.detach()))
             if checkpoint is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
                 _save_checkpoint(checkpoint, state, cfg)
             bar.update(1)
-            bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{lr:.3g}")
+            bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{lr:.3g}",
+                            **({"tail": f"{float(tail.detach()):.3g}"} if cfg.skip_rank_penalty > 0 else {}))
             if on_step is not None:
                 on_step(state.step, state.losses[-1])
     finally:
@@ -165,14 +175,19 @@ def _batch(calibration: torch.Tensor, order: torch.Tensor, step: int, cfg: Train
     return calibration[rows, : cfg.seq_len]
 
 
-def _loss(model, ids, state: TrainState, canonical, shape, weight_spec, bases, skips, cfg) -> torch.Tensor:
+def _loss(model, ids, state: TrainState, canonical, shape, weight_spec, bases, skips, cfg):
+    """(cross-entropy, mean tail energy of the transitions at cfg.skip_rank or 0)."""
     dtype = canonical[0]["q_proj.weight"].dtype
     R1 = state.R1.to(dtype)
     R2 = None if state.R2 is None else state.R2.to(dtype)
     basis = (lambda b: R1[b]) if R1.dim() == 3 else (lambda b: R1)
     bases["first"], bases["last"] = basis(0), basis(2 * shape.n_layers)
+    tail = torch.zeros((), dtype=dtype)
     if skips is not None:
-        skips.set([dense_correction(T) for T in transitions(R1)])
+        Ts = transitions(R1)
+        skips.set([dense_correction(T) for T in Ts])
+        if cfg.skip_rank_penalty > 0:
+            tail = tail_energy(Ts, cfg.skip_rank).mean()
     weights = {}
     for i, params in enumerate(canonical):
         fused = rotate_layer_weights(params, basis(2 * i), basis(2 * i + 1), basis(2 * i + 2),
@@ -183,7 +198,7 @@ def _loss(model, ids, state: TrainState, canonical, shape, weight_spec, bases, s
             weights[linear_param_name(i, *key.split("."))] = w
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = torch.func.functional_call(model, weights, (), {"input_ids": ids, "use_cache": False}).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()), tail
 
 
 def _fresh_state(cfg: TrainConfig, shape: ModelShape, device) -> TrainState:
@@ -216,9 +231,10 @@ def _load_checkpoint(path: Path | None, cfg: TrainConfig, shape: ModelShape, dev
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RespinError(f"{path} is not a respin-export rotation checkpoint")
     saved = ckpt["config"]
-    defaults = {"basis_lr_scale": 1.0}  # checkpoints written before the key existed
-    for key in ("kind", "steps", "lr", "momentum", "basis_lr_scale", "batch_size", "seq_len", "seed", "learn_r2",
-                "init", "quantize_weights"):
+    # checkpoints written before these keys existed
+    defaults = {"basis_lr_scale": 1.0, "skip_rank": None, "skip_rank_penalty": 0.0}
+    for key in ("kind", "steps", "lr", "momentum", "basis_lr_scale", "skip_rank", "skip_rank_penalty", "batch_size",
+                "seq_len", "seed", "learn_r2", "init", "quantize_weights"):
         made_with = saved.get(key, defaults.get(key))
         if made_with != getattr(cfg, key):
             raise RespinError(f"checkpoint {path} was made with {key}={made_with!r}, this run has "

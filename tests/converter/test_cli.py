@@ -28,8 +28,8 @@ def test_help_explains_every_option():
     out = _run("--help").output
     for option in ("--to", "--rotate", "--quant", "--wtype", "--head-type", "--act-order", "--damp", "--clip-search",
                    "--calib-samples", "--eval", "--kv-type", "--report", "--force", "--debug", "--rotations", "--rank",
-                   "--wbits", "--abits", "--kvbits", "--train-steps", "--train-basis-lr-scale", "--resume",
-                   "--checkpoint"):
+                   "--wbits", "--abits", "--kvbits", "--train-steps", "--train-basis-lr-scale", "--train-rank-penalty",
+                   "--resume", "--checkpoint"):
         assert option in out
 
 
@@ -55,6 +55,8 @@ def test_convert_tiny_model_writes_gguf_and_report(tiny_hf_dirs, tmp_path):
     (["--rotate", "respin", "--to", "gguf"], ["respin", "llama.cpp", "skip-path"]),
     (["--abits", "4"], ["weight-only", "--abits"]),
     (["--rotate", "respin", "--rank", "lots"], ["--rank", "lots"]),
+    (["--rotate", "respin", "--rank", "full", "--train-rank-penalty", "1"],
+     ["--train-rank-penalty", "integer --rank"]),
     (["--to", "rotations"], [".safetensors"]),
     (["--resume", "nowhere.ckpt", "--rotate", "spinquant"], ["no checkpoint", "nowhere.ckpt"]),
     (["--rotate", "spiral"], ["spiral", "hadamard"]),

@@ -14,7 +14,7 @@ from converter.quantization.fake_quant import ActQuantSpec, quantize_dequantize
 from rotations.fusion import apply_rotations, fold_norms
 from rotations.hadamard import HadamardSizeError, normalized_hadamard, random_orthogonal
 from rotations.online import SimQuantConfig, SkipCorrections, attach_simquant, check_online_sizes, fuse_r4
-from rotations.respin import compress_transition, dense_correction, skip_corrections, transitions
+from rotations.respin import compress_transition, dense_correction, skip_corrections, tail_energy, transitions
 from rotations.rotations import Rotations
 
 ONLINE_KW = dict(hidden=96, heads=6, kv_heads=2, intermediate=192)  # 192 = 16·12: R4 constructible
@@ -76,6 +76,22 @@ def test_low_rank_correction_is_orthogonal_and_converges():
         assert (T_hat.T @ T_hat - torch.eye(96, dtype=torch.float64)).abs().max() < 1e-12
         errors.append(float(torch.linalg.norm(T_hat - T)))
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-12
+
+
+def test_tail_energy_is_what_compression_drops():
+    """½‖T − T̂‖² of the rank-r correction equals the tail energy where r keeps whole rotation planes
+    (even r: T's eigenvalues come in conjugate pairs); an odd r cuts a plane and drops at least as much."""
+    shape = ModelShape.from_config(tiny_model("llama", **ONLINE_KW).config)
+    Ts = transitions(near_hadamard_bases(shape, 0.02))
+    tails = tail_energy(Ts, 8)
+    assert tails.shape == (Ts.shape[0],)
+    for T, tail in zip(Ts, tails):
+        dropped = 0.5 * float(torch.linalg.norm(compress_transition(T, 8).dense() - T) ** 2)
+        assert float(tail) == pytest.approx(dropped, rel=1e-6)
+        assert 0.5 * float(torch.linalg.norm(compress_transition(T, 7).dense() - T) ** 2) >= float(
+            tail_energy(T, 7)) * (1 - 1e-9)
+        assert float(tail_energy(T, 0)) == pytest.approx(0.5 * float(torch.linalg.norm(T - torch.eye(96)) ** 2))
+        assert abs(float(tail_energy(T, 96))) < 1e-10
 
 
 def test_exactly_low_rank_transition_is_reproduced_at_its_rank():

@@ -14,6 +14,7 @@ from converter.quantization.grids import int_grid
 from rotations.cayley import orthogonality_error
 from rotations.fusion import apply_rotations, fold_norms
 from rotations.online import SimQuantConfig, fuse_r4
+from rotations.respin import tail_energy, transitions
 from rotations.rotations import Rotations, nearest_orthogonal
 from rotations.training import TrainConfig, initial_rotations, train_rotations
 
@@ -106,6 +107,28 @@ def test_basis_lr_scale_moves_r1_only():
     assert moves[4.0][1] == pytest.approx(moves[1.0][1], rel=1e-6)
     with pytest.raises(RespinError, match="basis_lr_scale"):
         TrainConfig(kind="respin", basis_lr_scale=0)
+
+
+def test_skip_rank_penalty_concentrates_transitions():
+    """With the tail-energy penalty the trained transitions lose less when compressed to the rank it
+    names than without it, from the same data and steps; the cross-entropy is still what is recorded."""
+    model, shape = _canonical()
+    tails, losses = {}, {}
+    for penalty in (0.0, 1.0):
+        cfg = TrainConfig(kind="respin", steps=3, seq_len=32, lr=0.2, basis_lr_scale=8, skip_rank=4,
+                          skip_rank_penalty=penalty, quantize_weights=False)
+        rot = train_rotations(model, shape, _calibration(), SIM, None, cfg, progress=False)
+        tails[penalty] = float(tail_energy(transitions(rot.R1), 4).mean())
+        losses[penalty] = rot.config["train_loss_first"]
+        assert orthogonality_error(rot.R1) < 1e-10
+    assert tails[0.0] > 1e-4  # the unpenalized bases did move apart
+    assert tails[1.0] < 0.5 * tails[0.0]
+    assert losses[1.0] == pytest.approx(losses[0.0], rel=1e-6)  # step 0: same rotations, same CE
+    for bad in (dict(kind="respin", skip_rank=4, skip_rank_penalty=-1.0),
+                dict(kind="respin", skip_rank=None, skip_rank_penalty=1.0),  # rank 'full'
+                dict(kind="spinquant", skip_rank=4, skip_rank_penalty=1.0)):
+        with pytest.raises(RespinError, match="penalty"):
+            TrainConfig(**bad)
 
 
 def test_spinquant_layout_import_matches_own_fusion(tmp_path):
