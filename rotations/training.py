@@ -52,13 +52,15 @@ class TrainConfig:
     # lr multiplier of R1's group. ReSpinQuant's 2L+1 bases each see only their own blocks' share of
     # the gradient SpinQuant's single R1 sums, and at one lr moved ~10x less (drift 0.006 vs 0.053).
     # ×8 trains better bases (SmolLM2 held-out calibration W16A4KV4 PPL, exact skip path: Hadamard
-    # 38.04, ×1 36.84, ×8 33.58; benchmarks/respin_basis_lr.py) but their transitions are no longer
+    # 38.04, ×1 36.84, ×8 33.58; benchmarks/respin_heldout.py) but their transitions are no longer
     # low-rank: W4A4KV4 GPTQ at rank 32 got worse (30.62 → 38.50), rank full better (29.36 → 27.70).
-    # The default rank is 32, so the default stays 1.
+    # Alone it only pays with rank full; with the rank penalty below it pays at rank 32 too.
     basis_lr_scale: float = 1.0
     # respin: adds `skip_rank_penalty` × the mean tail energy of the transitions at `skip_rank` (the
     # export's rank) to the loss, so training keeps each T_b's change where the rank-r correction
-    # can carry it (`rotations.respin.tail_energy`). 0: the papers' plain cross-entropy.
+    # can carry it (`rotations.respin.tail_energy`). 0: the papers' plain cross-entropy. Its step
+    # is penalty·lr·basis_lr_scale per unit tail, so very large weights overshoot (Cayley SGD with
+    # momentum); 10 with ×8 at lr 0.05 is stable on SmolLM2.
     skip_rank: int | None = None
     skip_rank_penalty: float = 0.0
     batch_size: int = 2

@@ -146,6 +146,17 @@ def test_respin_learns_saves_and_reapplies_rotations(tiny_hf_dirs, tmp_path):
     assert json.loads(again.read_text())["validation"]["sim_ppl"] == pytest.approx(v["sim_ppl"], rel=1e-5)
 
 
+def test_rank_penalty_aims_at_the_export_rank(tiny_hf_dirs, tmp_path):
+    out = tmp_path / "rot.safetensors"
+    result = _run(tiny_hf_dirs["llama"], "--rotate", "respin", "-o", out, "--rank", 8, "--train-rank-penalty", 2,
+                  *TRAIN_ARGS)
+    assert result.exit_code == 0, result.output
+    from rotations.rotations import Rotations
+
+    train = Rotations.load(out).config["train"]
+    assert train["skip_rank"] == 8 and train["skip_rank_penalty"] == 2.0
+
+
 def test_spinquant_gguf_writes_file_and_rotations(tiny_hf_dirs, tmp_path):
     out, report = tmp_path / "m.gguf", tmp_path / "r.json"
     result = _run(tiny_hf_dirs["llama"], "--rotate", "spinquant", "-o", out, *TRAIN_ARGS, "--report", report)
