@@ -322,10 +322,11 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
 @click.option("--calib-samples", default=32, show_default=True, help="GPTQ calibration segments of 512 tokens.")
 @click.option("--train-steps", default=32, show_default=True)
 @click.option("--train-lr", default=0.05, show_default=True)
-@click.option("--train-basis-lr-scale", default=1.0, show_default=True,
-              help="lr multiplier of each ReSpinQuant residual basis.")
-@click.option("--train-rank-penalty", default=0.0, show_default=True,
-              help="Weight of ReSpinQuant's rank-32 tail-energy penalty (TrainConfig.skip_rank_penalty).")
+@click.option("--train-basis-lr-scale", default=8.0, show_default=True,
+              help="lr multiplier of each ReSpinQuant residual basis (the CLI's respin default).")
+@click.option("--train-rank-penalty", default=10.0, show_default=True,
+              help="Weight of ReSpinQuant's rank-32 tail-energy penalty (TrainConfig.skip_rank_penalty; the CLI's "
+                   "default at rank 32).")
 @click.option("--train-seq-len", default=256, show_default=True)
 @click.option("--train-batch", default=2, show_default=True)
 @click.option("--train-rtn-weights", is_flag=True, help="Fake-quantize weights (RTN) while training (default: W16, "

@@ -112,12 +112,13 @@ def _print_onnx_validation(v: dict) -> None:
 @click.option("--a-clip", default=1.0, show_default=True, help="Activation clip ratio (fraction of the range kept).")
 @click.option("--train-steps", default=32, show_default=True, help="spinquant/respin: Cayley SGD steps.")
 @click.option("--train-lr", default=0.05, show_default=True, help="Cayley SGD learning rate (cosine-decayed).")
-@click.option("--train-basis-lr-scale", default=1.0, show_default=True,
-              help="Learning-rate multiplier of R1 (respin: of each of its 2L+1 residual bases; 8 trains better "
-                   "respin bases whose transitions need rank full, see README).")
-@click.option("--train-rank-penalty", default=0.0, show_default=True,
+@click.option("--train-basis-lr-scale", default=None, type=float,
+              help="Learning-rate multiplier of R1 (respin: of each of its 2L+1 residual bases) "
+                   "[default: 8 for respin, 1 for spinquant].")
+@click.option("--train-rank-penalty", default=None, type=float,
               help="respin: weight of a loss term that keeps each skip transition's change inside --rank directions "
-                   "(what the rank-r correction can carry); needs an integer --rank, see README.")
+                   "(what the rank-r correction can carry; 0: plain cross-entropy) [default: 10 with an integer "
+                   "--rank, 0 with full].")
 @click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
 @click.option("--train-batch", default=2, show_default=True, help="Segments per training step.")
 @click.option("--train-weights", default="auto", show_default=True,
@@ -226,7 +227,7 @@ def _convert(o: dict):
                   wquant=method, rank=o["rank"], wgrid=wgrid)
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
                         lr=o["train_lr"], basis_lr_scale=o["train_basis_lr_scale"], batch_size=o["train_batch"],
-                        skip_rank_penalty=o["train_rank_penalty"], skip_rank=_penalty_rank(o),
+                        skip_rank_penalty=o["train_rank_penalty"], skip_rank=_penalty_rank(o, rotate),
                         seq_len=o["train_seq_len"],
                         checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method),
                         bf16=o["train_bf16"])
@@ -243,14 +244,20 @@ def _convert(o: dict):
     return report
 
 
-def _penalty_rank(o: dict) -> int | None:
-    """The rank a --train-rank-penalty aims at: the export's --rank (None without a penalty)."""
-    if not o["train_rank_penalty"]:
+def _penalty_rank(o: dict, rotate: str) -> int | None:
+    """The rank ReSpinQuant's training penalty aims at: the export's integer --rank (None for full)."""
+    from rotations.respin import FULL_RANK
+
+    if rotate != "respin":
+        return None
+    if o["rank"] == FULL_RANK:
+        if o["train_rank_penalty"]:
+            raise RespinError("--train-rank-penalty needs an integer --rank (rank full keeps every direction)")
         return None
     try:
         return int(o["rank"])
     except ValueError:
-        raise RespinError(f"--train-rank-penalty needs an integer --rank (got {o['rank']!r})") from None
+        return None  # parse_rank names the bad --rank
 
 
 def _train_weights(o: dict, method: str) -> bool:

@@ -36,6 +36,8 @@ from rotations.rotations import LEARNED_KINDS, Rotations
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "respin-export rotation checkpoint 1"
+RESPIN_BASIS_LR_SCALE = 8.0
+RESPIN_RANK_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -49,20 +51,20 @@ class TrainConfig:
     steps: int = 32
     lr: float = 0.05  # Cayley step size, cosine-decayed to 0
     momentum: float = 0.9
-    # lr multiplier of R1's group. ReSpinQuant's 2L+1 bases each see only their own blocks' share of
-    # the gradient SpinQuant's single R1 sums, and at one lr moved ~10x less (drift 0.006 vs 0.053).
-    # ×8 trains better bases (SmolLM2 held-out calibration W16A4KV4 PPL, exact skip path: Hadamard
-    # 38.04, ×1 36.84, ×8 33.58; benchmarks/respin_heldout.py) but their transitions are no longer
-    # low-rank: W4A4KV4 GPTQ at rank 32 got worse (30.62 → 38.50), rank full better (29.36 → 27.70).
-    # Alone it only pays with rank full; with the rank penalty below it pays at rank 32 too.
-    basis_lr_scale: float = 1.0
+    # lr multiplier of R1's group; None: 8 for respin, 1 for spinquant. ReSpinQuant's 2L+1 bases each
+    # see only their own blocks' share of the gradient SpinQuant's single R1 sums, and at one lr moved
+    # ~10x less (drift 0.006 vs 0.053). ×8 alone trains better bases whose transitions are no longer
+    # low-rank (SmolLM2 W4A4KV4 GPTQ: rank full 29.36 → 27.70, rank 32 30.62 → 38.50); with the rank
+    # penalty below it wins at rank 32 too (benchmarks/respin_heldout.py, README).
+    basis_lr_scale: float | None = None
     # respin: adds `skip_rank_penalty` × the mean tail energy of the transitions at `skip_rank` (the
-    # export's rank) to the loss, so training keeps each T_b's change where the rank-r correction
-    # can carry it (`rotations.respin.tail_energy`). 0: the papers' plain cross-entropy. Its step
-    # is penalty·lr·basis_lr_scale per unit tail, so very large weights overshoot (Cayley SGD with
-    # momentum); 10 with ×8 at lr 0.05 is stable on SmolLM2.
+    # export's rank; None for rank 'full') to the loss, so training keeps each T_b's change where the
+    # rank-r correction can carry it (`rotations.respin.tail_energy`). None: 10 with a skip_rank, else
+    # 0 (the papers' plain cross-entropy). Its step is penalty·lr·basis_lr_scale per unit tail, so
+    # much larger weights overshoot (Cayley SGD with momentum). SmolLM2 held-out calibration W16A4KV4
+    # PPL at rank 32 (Hadamard 37.90): ×1 38.01; ×8 46.37, with penalty 1 40.04, with 10 36.10.
     skip_rank: int | None = None
-    skip_rank_penalty: float = 0.0
+    skip_rank_penalty: float | None = None
     batch_size: int = 2
     seq_len: int = 256
     # RTN fake quant of the weights while training; off ("W16") is SpinQuant's recipe when GPTQ
@@ -79,6 +81,11 @@ class TrainConfig:
             raise RespinError(f"cannot train '{self.kind}' rotations: learned kinds are {', '.join(LEARNED_KINDS)}")
         if self.init not in ("hadamard", "identity"):
             raise RespinError(f"unknown rotation init '{self.init}': hadamard | identity")
+        if self.basis_lr_scale is None:  # resolved here, so configs and checkpoints record the value used
+            object.__setattr__(self, "basis_lr_scale", RESPIN_BASIS_LR_SCALE if self.kind == "respin" else 1.0)
+        if self.skip_rank_penalty is None:
+            penalty = RESPIN_RANK_PENALTY if self.kind == "respin" and self.skip_rank is not None else 0.0
+            object.__setattr__(self, "skip_rank_penalty", penalty)
         if self.basis_lr_scale <= 0:
             raise RespinError(f"basis_lr_scale must be > 0 (got {self.basis_lr_scale})")
         if self.skip_rank_penalty < 0:
@@ -238,6 +245,8 @@ def _load_checkpoint(path: Path | None, cfg: TrainConfig, shape: ModelShape, dev
     for key in ("kind", "steps", "lr", "momentum", "basis_lr_scale", "skip_rank", "skip_rank_penalty", "batch_size",
                 "seq_len", "seed", "learn_r2", "init", "quantize_weights"):
         made_with = saved.get(key, defaults.get(key))
+        if key == "skip_rank" and not cfg.skip_rank_penalty and not saved.get("skip_rank_penalty"):
+            continue  # without a penalty the rank does not enter training
         if made_with != getattr(cfg, key):
             raise RespinError(f"checkpoint {path} was made with {key}={made_with!r}, this run has "
                               f"{key}={getattr(cfg, key)!r}: resume with the same settings")

@@ -137,7 +137,8 @@ def test_respin_learns_saves_and_reapplies_rotations(tiny_hf_dirs, tmp_path):
 
     rot = Rotations.load(out)
     assert rot.per_block and tuple(rot.R1.shape) == (5, 64, 64) and rot.config["train"]["steps"] == 3
-    assert rot.config["train"]["basis_lr_scale"] == 1.0  # the default, recorded with the rotations
+    train = rot.config["train"]  # the defaults, recorded with the rotations: x8 bases, penalty at the export's rank
+    assert train["basis_lr_scale"] == 8.0 and train["skip_rank"] == 8 and train["skip_rank_penalty"] == 10.0
     # re-applied without training: the same simulated model, the same perplexity
     again = tmp_path / "again.json"
     result = _run(tiny_hf_dirs["llama"], "--rotate", "respin", "--rotations", out, "-o", tmp_path / "copy.safetensors",

@@ -109,6 +109,14 @@ def test_basis_lr_scale_moves_r1_only():
         TrainConfig(kind="respin", basis_lr_scale=0)
 
 
+def test_recipe_defaults_resolve_by_kind():
+    assert (TrainConfig(kind="spinquant").basis_lr_scale, TrainConfig(kind="spinquant").skip_rank_penalty) == (1.0, 0.0)
+    assert TrainConfig(kind="respin").basis_lr_scale == 8.0
+    assert TrainConfig(kind="respin").skip_rank_penalty == 0.0  # rank full: nothing to aim at
+    assert TrainConfig(kind="respin", skip_rank=32).skip_rank_penalty == 10.0
+    assert TrainConfig(kind="respin", skip_rank=32, skip_rank_penalty=0.0).skip_rank_penalty == 0.0
+
+
 def test_skip_rank_penalty_concentrates_transitions():
     """With the tail-energy penalty the trained transitions lose less when compressed to the rank it
     names than without it, from the same data and steps; the cross-entropy is still what is recorded."""
