@@ -2,13 +2,14 @@
 """Held-out check of ReSpinQuant's training knobs: the basis lr scale (`TrainConfig.basis_lr_scale`)
 and the rank-32 tail-energy penalty (`TrainConfig.skip_rank_penalty`).
 
-Trains respin rotations on SmolLM2 for each `scale:penalty` pair (W16A4KV4 training, the CLI's other
-defaults) and reports the W16A4KV4 perplexity of the stored rotations (float32, re-orthogonalized:
-what a rotations file gives back) with the exact skip path and with rank-32 corrections, on
+Trains respin rotations on SmolLM2 for each `scale:penalty` pair (W16 training at A4KV4 or
+--act-bits, the CLI's other defaults) and reports the W16 perplexity at those bits of the stored
+rotations (float32, re-orthogonalized: what a rotations file gives back) with the exact skip path and with rank-32 corrections, on
 held-out *calibration-split* segments under another seed — never the evaluation split. The Hadamard
 start is the baseline; the mean rank-32 tail energy shows how much of the transitions rank 32 drops.
 
     python benchmarks/respin_heldout.py --configs 1:0,8:0,8:0.1     # ~10 min a config on 2 cores
+    python benchmarks/respin_heldout.py --configs 8:10,8:30 --act-bits 3 --results-name respin_heldout_a3
 
 Writes benchmarks/results/respin_heldout.json.
 """
@@ -40,8 +41,9 @@ def parse_configs(text: str) -> list[tuple[float, float]]:
               help="Comma-separated basis-lr-scale:rank-32-penalty pairs.")
 @click.option("--steps", default=32, show_default=True)
 @click.option("--heldout", default=16, show_default=True, help="Held-out calibration segments of 512 tokens.")
+@click.option("--act-bits", default=4, show_default=True, help="Activation and KV bits of training and evaluation.")
 @click.option("--results-name", default="respin_heldout", show_default=True)
-def main(configs: str, steps: int, heldout: int, results_name: str) -> None:
+def main(configs: str, steps: int, heldout: int, act_bits: int, results_name: str) -> None:
     from converter.data import CorpusConfig, calibration_batches, evaluation_tokens, load_corpus
     from converter.loading import load_model
     from converter.simquant import SimSpec, build_simquant, learn_rotations
@@ -59,7 +61,8 @@ def main(configs: str, steps: int, heldout: int, results_name: str) -> None:
     probe = evaluation_tokens(tok, corpus.calibration, 128, 128)
 
     def heldout_ppl(rotations, rank) -> float:
-        sim = build_simquant(loaded, rotations, SimSpec(wbits=16, abits=4, kvbits=4, rank=rank), probe, None)
+        sim = build_simquant(loaded, rotations, SimSpec(wbits=16, abits=act_bits, kvbits=act_bits, rank=rank), probe,
+                             None)
         return sim.perplexity(held, progress=False)[0]
 
     rows = [{"rotations": "hadamard", "heldout_ppl": heldout_ppl(hadamard_rotations(loaded.shape), "full")}]
@@ -68,7 +71,7 @@ def main(configs: str, steps: int, heldout: int, results_name: str) -> None:
         cfg = TrainConfig(kind="respin", steps=steps, basis_lr_scale=scale, quantize_weights=False,
                           skip_rank=RANK if penalty else None, skip_rank_penalty=penalty)
         start = time.perf_counter()
-        rot = learn_rotations(loaded, cfg, SimSpec(wbits=16, abits=4, kvbits=4).online(), None,
+        rot = learn_rotations(loaded, cfg, SimSpec(wbits=16, abits=act_bits, kvbits=act_bits).online(), None,
                               train_segments).as_stored()
         train_s = time.perf_counter() - start
         rows.append({"rotations": "respin", "basis_lr_scale": scale, "rank32_penalty": penalty,
@@ -78,7 +81,8 @@ def main(configs: str, steps: int, heldout: int, results_name: str) -> None:
                      "train_s": round(train_s, 1)})
         print(rows[-1], flush=True)
     out = HERE / "results" / f"{results_name}.json"
-    out.write_text(json.dumps({"sim": "W16A4KV4; heldout_ppl: exact skip path", "heldout_tokens": heldout * 512,
+    out.write_text(json.dumps({"sim": f"W16A{act_bits}KV{act_bits}; heldout_ppl: exact skip path",
+                               "heldout_tokens": heldout * 512,
                                "steps": steps, "rows": rows,
                                "command": "python benchmarks/respin_heldout.py " + " ".join(sys.argv[1:])},
                               indent=1))
