@@ -4,14 +4,15 @@ and the rank-32 tail-energy penalty (`TrainConfig.skip_rank_penalty`).
 
 Trains respin rotations on SmolLM2 for each `scale:penalty` pair (W16 training at A4KV4 or
 --act-bits, the CLI's other defaults) and reports the W16 perplexity at those bits of the stored
-rotations (float32, re-orthogonalized: what a rotations file gives back) with the exact skip path and with rank-32 corrections, on
-held-out *calibration-split* segments under another seed — never the evaluation split. The Hadamard
-start is the baseline; the mean rank-32 tail energy shows how much of the transitions rank 32 drops.
+rotations (float32, re-orthogonalized: what a rotations file gives back) with the exact skip path
+and with rank-32 corrections, on held-out *calibration-split* segments under another seed — never
+the evaluation split. The Hadamard start is the baseline; the mean rank-32 tail energy shows how
+much of the transitions rank 32 drops.
 
     python benchmarks/respin_heldout.py --configs 1:0,8:0,8:0.1     # ~10 min a config on 2 cores
     python benchmarks/respin_heldout.py --configs 8:10,8:30 --act-bits 3 --results-name respin_heldout_a3
 
-Writes benchmarks/results/respin_heldout.json.
+Writes benchmarks/results/respin_heldout.json (or --results-name).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -60,19 +62,19 @@ def main(configs: str, steps: int, heldout: int, act_bits: int, results_name: st
     held = calibration_batches(tok, corpus.calibration, heldout, 512, seed=12345)
     probe = evaluation_tokens(tok, corpus.calibration, 128, 128)
 
+    spec = SimSpec(wbits=16, abits=act_bits, kvbits=act_bits)
+
     def heldout_ppl(rotations, rank) -> float:
-        sim = build_simquant(loaded, rotations, SimSpec(wbits=16, abits=act_bits, kvbits=act_bits, rank=rank), probe,
-                             None)
+        sim = build_simquant(loaded, rotations, replace(spec, rank=rank), probe, None)
         return sim.perplexity(held, progress=False)[0]
 
     rows = [{"rotations": "hadamard", "heldout_ppl": heldout_ppl(hadamard_rotations(loaded.shape), "full")}]
     print(rows[-1], flush=True)
     for scale, penalty in pairs:
         cfg = TrainConfig(kind="respin", steps=steps, basis_lr_scale=scale, quantize_weights=False,
-                          skip_rank=RANK if penalty else None, skip_rank_penalty=penalty)
+                          skip_rank=RANK, skip_rank_penalty=penalty)
         start = time.perf_counter()
-        rot = learn_rotations(loaded, cfg, SimSpec(wbits=16, abits=act_bits, kvbits=act_bits).online(), None,
-                              train_segments).as_stored()
+        rot = learn_rotations(loaded, cfg, spec.online(), None, train_segments).as_stored()
         train_s = time.perf_counter() - start
         rows.append({"rotations": "respin", "basis_lr_scale": scale, "rank32_penalty": penalty,
                      "heldout_ppl": heldout_ppl(rot, "full"), f"heldout_ppl_rank{RANK}": heldout_ppl(rot, RANK),

@@ -99,10 +99,11 @@ def rotations_path(kind: str, bits: tuple[int, int, int]) -> Path:
     return WORK / "rotations" / f"{kind}-W{bits[0]}A{bits[1]}KV{bits[2]}.safetensors"
 
 
-def respin_penalty(settings: dict) -> dict:
-    """TrainConfig fields of the rank-32 penalty (the table's headline rank; 0: none)."""
-    weight = settings["respin_rank32_penalty"]
-    return {"skip_rank": 32 if weight else None, "skip_rank_penalty": weight}
+def respin_train_fields(settings: dict) -> dict:
+    """ReSpinQuant's TrainConfig fields: basis lr scale and the penalty aimed at rank 32 (the table's
+    headline rank)."""
+    return {"basis_lr_scale": settings["respin_basis_lr_scale"], "skip_rank": 32,
+            "skip_rank_penalty": settings["respin_rank32_penalty"]}
 
 
 def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
@@ -116,8 +117,7 @@ def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
     loaded = load_model(None)
     corpus = load_corpus(CorpusConfig())
     train = TrainConfig(kind=kind, steps=settings["steps"], lr=settings["lr"],
-                        basis_lr_scale=settings["respin_basis_lr_scale"] if kind == "respin" else 1.0,
-                        **(respin_penalty(settings) if kind == "respin" else {}),
+                        **(respin_train_fields(settings) if kind == "respin" else {}),
                         seq_len=settings["seq_len"],
                         batch_size=settings["batch_size"], quantize_weights=settings["quantize_weights"])
     spec = SimSpec(wbits=bits[0], abits=bits[1], kvbits=bits[2])

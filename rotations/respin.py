@@ -90,18 +90,25 @@ def parse_rank(rank: int | str, hidden: int) -> int:
 
 
 @torch.no_grad()
+def top_change_subspace(T: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-`rank` singular vectors of T − I, largest first: [..., D, D] → [..., D, rank] (T's dtype).
+    They are the top eigenvectors of (T − I)ᵀ(T − I) = 2I − T − Tᵀ (symmetric eigh in float64: robust
+    where SVD of a matrix with many equal singular values may not converge)."""
+    T64 = T.detach().to(torch.float64)
+    eye = torch.eye(T.shape[-1], dtype=torch.float64, device=T.device)
+    _, V = torch.linalg.eigh(2 * eye - T64 - T64.mT)
+    return V[..., V.shape[-1] - rank:].flip(-1).to(T.dtype)
+
+
+@torch.no_grad()
 def compress_transition(T: torch.Tensor, rank: int) -> SkipCorrection:
     """Rank-r correction approximating the orthogonal transition T [D, D] (float64 inside)."""
     T64 = T.to(torch.float64)
     D = T64.shape[0]
-    eye = torch.eye(D, dtype=torch.float64, device=T.device)
     if rank == 0:
         empty = torch.zeros(D, 0, dtype=torch.float64, device=T.device)
         return SkipCorrection(empty, torch.zeros(0, 0, dtype=torch.float64, device=T.device))
-    # Top-r singular vectors of T − I = top-r eigenvectors of (T − I)ᵀ(T − I) = 2I − T − Tᵀ
-    # (symmetric eigh: robust where SVD of a matrix with many equal singular values may not converge).
-    _, V = torch.linalg.eigh(2 * eye - T64 - T64.T)
-    Q = V[:, -rank:].flip(-1)
+    Q = top_change_subspace(T64, rank)
     R_hat = nearest_orthogonal(Q.T @ T64 @ Q)
     return SkipCorrection(Q, R_hat - torch.eye(rank, dtype=torch.float64, device=T.device))
 
@@ -116,10 +123,7 @@ def tail_energy(T: torch.Tensor, rank: int) -> torch.Tensor:
     D = T.shape[-1]
     if not 0 <= rank <= D:
         raise RespinError(f"skip rank must be in 0..{D} (got {rank})")
-    with torch.no_grad():
-        T64 = T.detach().to(torch.float64)
-        _, V = torch.linalg.eigh(2 * torch.eye(D, dtype=torch.float64, device=T.device) - T64 - T64.mT)
-        U = V[..., D - rank:].to(T.dtype)
+    U = top_change_subspace(T, rank)
     kept = (U.mT @ T @ U).diagonal(dim1=-2, dim2=-1).sum(-1)
     return (D - rank) - T.diagonal(dim1=-2, dim2=-1).sum(-1) + kept
 

@@ -58,7 +58,7 @@ class TrainConfig:
     # penalty below it wins at rank 32 too (benchmarks/respin_heldout.py, README).
     basis_lr_scale: float | None = None
     # respin: adds `skip_rank_penalty` × the mean tail energy of the transitions at `skip_rank` (the
-    # export's rank; None for rank 'full') to the loss, so training keeps each T_b's change where the
+    # export's rank; None for rank 'full', and set to None without a penalty) to the loss, so training keeps each T_b's change where the
     # rank-r correction can carry it (`rotations.respin.tail_energy`). None: 10 with a skip_rank, else
     # 0 (the papers' plain cross-entropy). Its step is penalty·lr·basis_lr_scale per unit tail, so
     # much larger weights overshoot (Cayley SGD with momentum). SmolLM2 held-out calibration W16A4KV4
@@ -92,6 +92,8 @@ class TrainConfig:
             raise RespinError(f"skip_rank_penalty must be >= 0 (got {self.skip_rank_penalty})")
         if self.skip_rank_penalty > 0 and (self.kind != "respin" or self.skip_rank is None or self.skip_rank < 0):
             raise RespinError("a skip-rank penalty needs respin rotations and an integer rank (not 'full')")
+        if not self.skip_rank_penalty:  # without a penalty the rank does not enter training
+            object.__setattr__(self, "skip_rank", None)
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
             raise RespinError("training needs steps, batch size and checkpoint interval >= 1 and seq_len >= 2")
 
@@ -245,8 +247,6 @@ def _load_checkpoint(path: Path | None, cfg: TrainConfig, shape: ModelShape, dev
     for key in ("kind", "steps", "lr", "momentum", "basis_lr_scale", "skip_rank", "skip_rank_penalty", "batch_size",
                 "seq_len", "seed", "learn_r2", "init", "quantize_weights"):
         made_with = saved.get(key, defaults.get(key))
-        if key == "skip_rank" and not cfg.skip_rank_penalty and not saved.get("skip_rank_penalty"):
-            continue  # without a penalty the rank does not enter training
         if made_with != getattr(cfg, key):
             raise RespinError(f"checkpoint {path} was made with {key}={made_with!r}, this run has "
                               f"{key}={getattr(cfg, key)!r}: resume with the same settings")
