@@ -58,9 +58,10 @@ class TrainConfig:
     # penalty below it wins at rank 32 too (benchmarks/respin_heldout.py, README).
     basis_lr_scale: float | None = None
     # respin: adds `skip_rank_penalty` × the mean tail energy of the transitions at `skip_rank` (the
-    # export's rank; None for rank 'full', and set to None without a penalty) to the loss, so training keeps each T_b's change where the
-    # rank-r correction can carry it (`rotations.respin.tail_energy`). None: 10 with a skip_rank, else
-    # 0 (the papers' plain cross-entropy). Its step is penalty·lr·basis_lr_scale per unit tail, so
+    # export's rank; None for rank 'full', and set to None without a penalty) to the loss, so
+    # training keeps each T_b's change where the rank-r correction can carry it
+    # (`rotations.respin.tail_energy`). None: 10 with a skip_rank, else 0 (the papers' plain
+    # cross-entropy). Its step is penalty·lr·basis_lr_scale per unit tail, so
     # much larger weights overshoot (Cayley SGD with momentum). SmolLM2 held-out calibration W16A4KV4
     # PPL at rank 32 (Hadamard 37.90): ×1 38.01; ×8 46.37, with penalty 1 40.04, with 10 36.10.
     skip_rank: int | None = None
