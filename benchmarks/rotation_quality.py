@@ -99,11 +99,14 @@ def rotations_path(kind: str, bits: tuple[int, int, int]) -> Path:
     return WORK / "rotations" / f"{kind}-W{bits[0]}A{bits[1]}KV{bits[2]}.safetensors"
 
 
-def respin_train_fields(settings: dict) -> dict:
+def respin_train_fields(settings: dict, abits: int) -> dict:
     """ReSpinQuant's TrainConfig fields: basis lr scale and the penalty aimed at rank 32 (the table's
-    headline rank)."""
+    headline rank; None in the settings: the CLI's default for the activation bits)."""
+    from rotations.training import default_rank_penalty
+
+    penalty = settings["respin_rank32_penalty"]
     return {"basis_lr_scale": settings["respin_basis_lr_scale"], "skip_rank": 32,
-            "skip_rank_penalty": settings["respin_rank32_penalty"]}
+            "skip_rank_penalty": default_rank_penalty(abits) if penalty is None else penalty}
 
 
 def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
@@ -117,7 +120,7 @@ def train_child(kind: str, bits: tuple[int, int, int], settings: dict) -> None:
     loaded = load_model(None)
     corpus = load_corpus(CorpusConfig())
     train = TrainConfig(kind=kind, steps=settings["steps"], lr=settings["lr"],
-                        **(respin_train_fields(settings) if kind == "respin" else {}),
+                        **(respin_train_fields(settings, bits[1]) if kind == "respin" else {}),
                         seq_len=settings["seq_len"],
                         batch_size=settings["batch_size"], quantize_weights=settings["quantize_weights"])
     spec = SimSpec(wbits=bits[0], abits=bits[1], kvbits=bits[2])
@@ -324,9 +327,9 @@ def targets(rows: list[dict], fp_ppl: float) -> dict:
 @click.option("--train-lr", default=0.05, show_default=True)
 @click.option("--train-basis-lr-scale", default=8.0, show_default=True,
               help="lr multiplier of each ReSpinQuant residual basis (the CLI's respin default).")
-@click.option("--train-rank-penalty", default=10.0, show_default=True,
-              help="Weight of ReSpinQuant's rank-32 tail-energy penalty (TrainConfig.skip_rank_penalty; the CLI's "
-                   "default at rank 32).")
+@click.option("--train-rank-penalty", default=None, type=float,
+              help="Weight of ReSpinQuant's rank-32 tail-energy penalty (TrainConfig.skip_rank_penalty) [default: "
+                   "the CLI's at rank 32: 10, or 30 at 3-bit activations].")
 @click.option("--train-seq-len", default=256, show_default=True)
 @click.option("--train-batch", default=2, show_default=True)
 @click.option("--train-rtn-weights", is_flag=True, help="Fake-quantize weights (RTN) while training (default: W16, "

@@ -117,8 +117,8 @@ def _print_onnx_validation(v: dict) -> None:
                    "[default: 8 for respin, 1 for spinquant].")
 @click.option("--train-rank-penalty", default=None, type=float,
               help="respin: weight of a loss term that keeps each skip transition's change inside --rank directions "
-                   "(what the rank-r correction can carry; 0: plain cross-entropy) [default: 10 with an integer "
-                   "--rank, 0 with full].")
+                   "(what the rank-r correction can carry; 0: plain cross-entropy) [default with an integer --rank: "
+                   "10, or 30 at --abits 3 and below; 0 with full].")
 @click.option("--train-seq-len", default=256, show_default=True, help="Tokens per training segment.")
 @click.option("--train-batch", default=2, show_default=True, help="Segments per training step.")
 @click.option("--train-weights", default="auto", show_default=True,
@@ -227,7 +227,7 @@ def _convert(o: dict):
                   wquant=method, rank=o["rank"], wgrid=wgrid)
     train = TrainConfig(kind="respin" if rotate == "respin" else "spinquant", steps=o["train_steps"],
                         lr=o["train_lr"], basis_lr_scale=o["train_basis_lr_scale"], batch_size=o["train_batch"],
-                        skip_rank_penalty=o["train_rank_penalty"], skip_rank=_penalty_rank(o, rotate),
+                        skip_rank_penalty=_rank_penalty(o, rotate, abits), skip_rank=_penalty_rank(o, rotate),
                         seq_len=o["train_seq_len"],
                         checkpoint_every=o["checkpoint_every"], quantize_weights=_train_weights(o, method),
                         bf16=o["train_bf16"])
@@ -242,6 +242,15 @@ def _convert(o: dict):
         write_report(report, report_path)
     _print_summary(report)
     return report
+
+
+def _rank_penalty(o: dict, rotate: str, abits: int) -> float | None:
+    """--train-rank-penalty, or its default for the activation bits when the penalty has a rank to aim at."""
+    from rotations.training import default_rank_penalty
+
+    if o["train_rank_penalty"] is not None or _penalty_rank(o, rotate) is None:
+        return o["train_rank_penalty"]
+    return default_rank_penalty(abits)
 
 
 def _penalty_rank(o: dict, rotate: str) -> int | None:

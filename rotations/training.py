@@ -37,7 +37,15 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "respin-export rotation checkpoint 1"
 RESPIN_BASIS_LR_SCALE = 8.0
-RESPIN_RANK_PENALTY = 10.0
+RESPIN_RANK_PENALTY = 10.0  # activations at 4 bits and up
+# At 3-bit activations the cross-entropy gradient is larger and 10 let the tails grow: SmolLM2 held-out
+# calibration W16A3KV3 PPL at rank 32 (Hadamard 1180): penalty 10 → 414, 30 → 302 (benchmarks/respin_heldout.py).
+RESPIN_RANK_PENALTY_LOW_BITS = 30.0
+
+
+def default_rank_penalty(abits: int) -> float:
+    """ReSpinQuant's rank-penalty weight for rotations trained at `abits`-bit activations."""
+    return RESPIN_RANK_PENALTY_LOW_BITS if abits <= 3 else RESPIN_RANK_PENALTY
 
 
 @dataclass(frozen=True)
@@ -61,9 +69,11 @@ class TrainConfig:
     # export's rank; None for rank 'full', and set to None without a penalty) to the loss, so
     # training keeps each T_b's change where the rank-r correction can carry it
     # (`rotations.respin.tail_energy`). None: 10 with a skip_rank, else 0 (the papers' plain
-    # cross-entropy). Its step is penalty·lr·basis_lr_scale per unit tail, so too large a weight
-    # overshoots (tiny model: 50 at lr 0.2 × 8 did; SmolLM2: 30 at 0.05 × 8 did not). SmolLM2 held-out calibration W16A4KV4
-    # PPL at rank 32 (Hadamard 37.90): ×1 38.01; ×8 46.37, with penalty 1 40.04, with 10 36.10.
+    # cross-entropy); the CLI and benchmark pass `default_rank_penalty(abits)`, 30 at <= 3-bit
+    # activations. Its step is penalty·lr·basis_lr_scale per unit tail, so too large a weight
+    # overshoots (tiny model: 50 at lr 0.2 × 8 did; SmolLM2: 30 at 0.05 × 8 did not). SmolLM2
+    # held-out calibration W16A4KV4 PPL at rank 32 (Hadamard 37.90): ×1 38.01; ×8 46.37, with
+    # penalty 1 40.04, with 10 36.10.
     skip_rank: int | None = None
     skip_rank_penalty: float | None = None
     batch_size: int = 2

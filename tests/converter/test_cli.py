@@ -158,6 +158,16 @@ def test_rank_penalty_aims_at_the_export_rank(tiny_hf_dirs, tmp_path):
     assert train["skip_rank"] == 8 and train["skip_rank_penalty"] == 2.0
 
 
+def test_rank_penalty_default_follows_activation_bits(tiny_hf_dirs, tmp_path):
+    out = tmp_path / "rot.safetensors"
+    result = _run(tiny_hf_dirs["llama"], "--rotate", "respin", "-o", out, "--rank", 8, "--abits", 3, "--kvbits", 3,
+                  *TRAIN_ARGS)
+    assert result.exit_code == 0, result.output
+    from rotations.rotations import Rotations
+
+    assert Rotations.load(out).config["train"]["skip_rank_penalty"] == 30.0
+
+
 def test_spinquant_gguf_writes_file_and_rotations(tiny_hf_dirs, tmp_path):
     out, report = tmp_path / "m.gguf", tmp_path / "r.json"
     result = _run(tiny_hf_dirs["llama"], "--rotate", "spinquant", "-o", out, *TRAIN_ARGS, "--report", report)

@@ -16,7 +16,7 @@ from rotations.fusion import apply_rotations, fold_norms
 from rotations.online import SimQuantConfig, fuse_r4
 from rotations.respin import tail_energy, transitions
 from rotations.rotations import Rotations, nearest_orthogonal
-from rotations.training import TrainConfig, initial_rotations, train_rotations
+from rotations.training import TrainConfig, default_rank_penalty, initial_rotations, train_rotations
 
 KW = dict(hidden=96, heads=6, kv_heads=2, intermediate=192, dtype=torch.float32)
 SIM = SimQuantConfig.from_bits(4, 4)
@@ -115,6 +115,7 @@ def test_recipe_defaults_resolve_by_kind():
     assert TrainConfig(kind="respin").skip_rank_penalty == 0.0  # rank full: nothing to aim at
     assert TrainConfig(kind="respin", skip_rank=32).skip_rank_penalty == 10.0
     assert TrainConfig(kind="respin", skip_rank=32, skip_rank_penalty=0.0).skip_rank_penalty == 0.0
+    assert [default_rank_penalty(b) for b in (2, 3, 4, 8, 16)] == [30.0, 30.0, 10.0, 10.0, 10.0]
 
 
 def test_skip_rank_penalty_concentrates_transitions():
