@@ -12,6 +12,7 @@ Results: benchmarks/results/onnx_runtime.{json,md}.
     pip install -e ".[bench]"                    # onnx-ir, which onnxruntime's int4 quantizer imports
     python benchmarks/onnx_runtime.py            # everything (about 40 min on 2 cores with cached rotations)
     python benchmarks/onnx_runtime.py --overhead-only            # re-measure the online-op overhead only
+    python benchmarks/onnx_runtime.py --w4a4-only                # the W4A4KV4 rows and the overhead only
     python benchmarks/onnx_runtime.py --time DIR --kernels on   # one timing (used internally)
 """
 
@@ -266,19 +267,28 @@ def run_all() -> dict:
     rows.append(row("w4a16-matmulnbits", WORK / "w4a16", False, {**w4a16, "reference": "torch W4A16"}))
     asym = reports["w4a16-asym"]["validation"]["parity"]["functions"]
     rows.append(row("w4a16-matmulnbits-asym", WORK / "w4a16-asym", False, {**asym, "reference": "torch W4A16 (zero points)"}))
-    parity = reports["w4a4kv4"]["validation"]["parity"]
-    rows.append(row("w4a4kv4-functions", WORK / "w4a4kv4", False, {**parity["functions"],
-                                                                   "reference": "torch simulated W4A4KV4"}))
+    rows += w4a4_rows(reports["w4a4kv4"])
+    return {**w4a4_overhead(rows), "threads": THREADS, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+            "eval_tokens": EVAL_TOKENS, "fp_ppl": reports["w4a16"]["validation"].get("fp_ppl"), "rows": rows}
+
+
+def w4a4_rows(report: dict) -> list[dict]:
+    """The W4A4KV4 export timed with its function bodies and (when built) with our kernels."""
+    parity = report["validation"]["parity"]
+    reference = "torch simulated W4A4KV4"
+    rows = [row("w4a4kv4-functions", WORK / "w4a4kv4", False, {**parity["functions"], "reference": reference})]
     if "kernels" in parity:
-        rows.append(row("w4a4kv4-kernels", WORK / "w4a4kv4", True, {**parity["kernels"],
-                                                                    "reference": "torch simulated W4A4KV4"}))
+        rows.append(row("w4a4kv4-kernels", WORK / "w4a4kv4", True, {**parity["kernels"], "reference": reference}))
+    return rows
+
+
+def w4a4_overhead(rows: list[dict]) -> dict:
+    """The online-op overhead of the W4A4KV4 export, in the runtime of its last row."""
     with_online = next(r for r in reversed(rows) if r["variant"].startswith("w4a4kv4"))
-    overhead, detail = online_overhead(WORK / "w4a4kv4", strip_online_ops(WORK / "w4a4kv4"), "kernels" in parity)
+    kernels = with_online["variant"].endswith("kernels")
+    overhead, detail = online_overhead(WORK / "w4a4kv4", strip_online_ops(WORK / "w4a4kv4"), kernels)
     return {"online_overhead": round(overhead, 4), "online_overhead_runtime": with_online["variant"],
-            "online_overhead_detail": detail, "online_overhead_rounds": OVERHEAD_ROUNDS,
-            "threads": THREADS, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-            "eval_tokens": EVAL_TOKENS, "fp_ppl": reports["w4a16"]["validation"].get("fp_ppl"),
-            "rows": rows}
+            "online_overhead_detail": detail, "online_overhead_rounds": OVERHEAD_ROUNDS}
 
 
 def markdown(result: dict) -> str:
@@ -305,29 +315,31 @@ def _ci_text(result: dict) -> str:
     return f"; 95% bootstrap interval of the median {ci[0] * 100:+.1f}% … {ci[1] * 100:+.1f}%" if ci else ""
 
 
-def rerun_overhead() -> dict:
-    """Re-measure only the online-op overhead of the W4A4KV4 export (kernels), keeping the other
-    rows of the last full run (benchmarks/results/onnx_runtime.json)."""
+def rerun_w4a4(rows_too: bool) -> dict:
+    """Re-measure the W4A4KV4 export's online-op overhead (and, with rows_too, its rows: after new
+    rotations), keeping the other rows of the last full run (benchmarks/results/onnx_runtime.json)."""
     result = json.loads((RESULTS / "onnx_runtime.json").read_text())
     WORK.mkdir(parents=True, exist_ok=True)
-    export("w4a4kv4")
-    overhead, detail = online_overhead(WORK / "w4a4kv4", strip_online_ops(WORK / "w4a4kv4"), True)
+    report = export("w4a4kv4")
+    rows = result["rows"]
+    if rows_too:
+        rows = [r for r in rows if not r["variant"].startswith("w4a4kv4")] + w4a4_rows(report)
     for key in ("online_overhead_decode_tok_s", "online_overhead_repeats"):  # the earlier method's fields
         result.pop(key, None)
-    result.update(online_overhead=round(overhead, 4), online_overhead_runtime="w4a4kv4-kernels",
-                  online_overhead_detail=detail, online_overhead_rounds=OVERHEAD_ROUNDS)
-    return result
+    return {**result, **w4a4_overhead(rows), "rows": rows}
 
 
 @click.command()
 @click.option("--time", "time_dir", type=click.Path(path_type=Path), default=None)
 @click.option("--kernels", type=click.Choice(["on", "off"]), default="off")
 @click.option("--overhead-only", is_flag=True, help="re-measure only the online-op overhead (other rows kept)")
-def main(time_dir, kernels, overhead_only):
+@click.option("--w4a4-only", is_flag=True, help="re-measure the W4A4KV4 rows and the overhead (other rows kept; "
+              "delete benchmarks/work/onnx_runtime/w4a4kv4* first to re-export with new rotations)")
+def main(time_dir, kernels, overhead_only, w4a4_only):
     if time_dir is not None:
         print(json.dumps(measure(time_dir, kernels == "on")))
         return
-    result = rerun_overhead() if overhead_only else run_all()
+    result = rerun_w4a4(w4a4_only) if overhead_only or w4a4_only else run_all()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "onnx_runtime.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "onnx_runtime.md").write_text(markdown(result))
