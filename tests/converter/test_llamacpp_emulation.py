@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import platform
 from pathlib import Path
 
@@ -165,5 +166,7 @@ def test_emulation_is_consistent_with_kv_cache_decoding():
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits[0, -1]
         out = model(input_ids=ids[:, :-1], use_cache=True)
-        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+        # newer transformers 5.x name the cache `cache` and deprecate `past_key_values`
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{key: getattr(out, key)}).logits[0, -1]
     assert torch.allclose(full, step, atol=1e-3)

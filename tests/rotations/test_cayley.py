@@ -35,7 +35,7 @@ def test_solves_orthogonal_procrustes():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     best = float(((nearest_orthogonal(A) - A) ** 2).sum())
     assert losses[-1] < losses[0] and abs(losses[-1] - best) < 1e-6 * best + 1e-8
     assert torch.allclose(R.detach(), nearest_orthogonal(A), atol=1e-5)
